@@ -1,0 +1,7 @@
+"""The distillation methods, one LightningModule per file, all sharing :class:`DistillModule`."""
+
+from distill.methods.base import DistillModule
+from distill.methods.baseline_kd import BaselineKD
+from distill.methods.supervised import Supervised
+
+__all__ = ["DistillModule", "Supervised", "BaselineKD"]

@@ -1,0 +1,300 @@
+"""What every method shares: the trained network, the frozen teacher, metrics, logging, optimisers.
+
+A method subclasses :class:`DistillModule` and implements :meth:`DistillModule.training_losses`, which
+returns the student's logits and a dict of named loss parts with the total under ``"loss"``
+(mdistiller's convention). Everything else — logging each part as ``train/<part>``, accuracy and
+teacher–student agreement metrics, the optimiser and schedule from the config, keeping the teacher
+frozen and out of checkpoints — lives here once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.errors import CheckpointError, ConfigError
+from distill.losses import soft_target_kl, top1_agreement
+from distill.models import create_model
+from distill.teachers import NETWORK_PREFIX, LoadedNetwork, NetworkSpec, load_network
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+TEACHER_PREFIX = "teacher."
+
+
+class DistillModule(L.LightningModule):
+    """Base class of all methods.
+
+    Args:
+        student: zoo name of the network this run trains (``distill.models.list_models()``). For
+            :class:`~distill.methods.Supervised` it is simply the network trained from labels, which may
+            later serve as a teacher.
+        student_kwargs: extra constructor arguments of the student (e.g. ``{"dropout": 0.5}``).
+        num_classes: number of classes; the CLI links it from the DataModule.
+        in_channels: image channels; linked from the DataModule.
+        image_size: input resolution; linked from the DataModule (MLPs need it).
+        optimizer: the optimiser, as a callable taking the parameters (in YAML a ``class_path`` such
+            as ``torch.optim.SGD`` with ``init_args``). Default: SGD, lr 0.05, momentum 0.9,
+            weight decay 5e-4 (RepDistiller's CIFAR recipe).
+        lr_scheduler: a callable taking the optimiser (e.g. ``torch.optim.lr_scheduler.MultiStepLR``);
+            ``None`` keeps the learning rate constant. Stepped every epoch unless
+            ``lr_scheduler_interval`` is ``"step"``.
+        lr_scheduler_interval: ``"epoch"`` or ``"step"``.
+    """
+
+    def __init__(
+        self,
+        student: str,
+        student_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        lr_scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ConfigError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        self.save_hyperparameters()
+        # Callables cannot go into a checkpoint's hyperparameters without pickling code; under the CLI
+        # they arrive as plain class_path dicts and stay.
+        self.remove_ignored_hparams([k for k, v in self.hparams.items() if callable(v)])
+        self.student_spec = NetworkSpec(student, num_classes, in_channels, image_size, dict(student_kwargs or {}))
+        self.student = self.student_spec.build()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.teacher: nn.Module | None = None
+        self.teacher_info: dict[str, Any] | None = None
+        self._configure_metrics(num_classes)
+
+    # ----------------------------------------------------------------------------------- teacher
+    def attach_teacher(
+        self,
+        path: str | None,
+        model: str | None,
+        model_kwargs: dict[str, Any] | None,
+        pretrained: bool,
+    ) -> None:
+        """Loads the teacher and freezes it: no gradients, eval mode for good, never optimised."""
+        loaded: LoadedNetwork = load_network(
+            path,
+            model,
+            num_classes=self.hparams.num_classes,
+            in_channels=self.hparams.in_channels,
+            image_size=self.hparams.image_size,
+            model_kwargs=model_kwargs,
+            pretrained=pretrained,
+        )
+        teacher = loaded.network.eval()
+        teacher.requires_grad_(False)
+        self.teacher = teacher
+        self.teacher_info = loaded.describe()
+
+    def train(self, mode: bool = True) -> "DistillModule":
+        # Lightning switches the whole module to train mode each epoch; the teacher must keep using
+        # its BatchNorm running statistics and no dropout.
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, images: Tensor) -> Tensor:
+        """Teacher forward without autograd (no_grad, not inference_mode: its outputs enter the loss)."""
+        assert self.teacher is not None
+        return self.teacher(images)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The teacher is an input, not a result: checkpoints record where it came from, not its tensors.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+        if self.teacher_info is not None:
+            checkpoint["teacher"] = dict(self.teacher_info)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is None:
+            return
+        recorded = checkpoint.get("teacher") or {}
+        current = self.teacher_info or {}
+        if recorded.get("sha256") and current.get("sha256") and recorded["sha256"] != current["sha256"]:
+            raise CheckpointError(
+                f"the checkpoint was trained with teacher {recorded.get('path')} (sha256 "
+                f"{recorded['sha256'][:12]}…) but the configured teacher {current.get('path')} differs "
+                f"(sha256 {current['sha256'][:12]}…); resume with the original teacher file."
+            )
+        # Put the (unchanged) teacher back so that Lightning's strict state_dict loading succeeds.
+        state = checkpoint["state_dict"]
+        for key, value in self.teacher.state_dict().items():
+            state.setdefault(TEACHER_PREFIX + key, value)
+
+    # ----------------------------------------------------------------------------------- metrics
+    def _configure_metrics(self, num_classes: int) -> None:
+        def accuracy(top_k: int = 1) -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
+
+        self.top5 = num_classes > 5
+        self.train_acc = accuracy()
+        self.val_acc, self.test_acc = accuracy(), accuracy()
+        self.val_acc_top5 = accuracy(5) if self.top5 else None
+        self.test_acc_top5 = accuracy(5) if self.top5 else None
+        self.val_acc_best = MaxMetric()
+        self.val_agreement, self.test_agreement = MeanMetric(), MeanMetric()
+        self.val_kl, self.test_kl = MeanMetric(), MeanMetric()
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+
+    def on_train_start(self) -> None:
+        # The sanity-check validation must not count towards the best validation accuracy.
+        self.val_acc_best.reset()
+
+    # ----------------------------------------------------------------------------------- steps
+    def forward(self, images: Tensor) -> Tensor:
+        return self.student(images)
+
+    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns the student's logits and the loss parts, the total under ``"loss"``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels, _ = batch
+        logits, losses = self.training_losses(images, labels)
+        batch_size = images.shape[0]
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True,
+                     prog_bar=name == "loss", batch_size=batch_size)
+        self.train_acc(logits.detach(), labels)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        return losses["loss"]
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
+        images, labels, _ = batch
+        logits = self.student(images)
+        batch_size = images.shape[0]
+        getattr(self, f"{stage}_loss")(nn.functional.cross_entropy(logits.float(), labels), batch_size)
+        getattr(self, f"{stage}_acc")(logits, labels)
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), batch_size=batch_size)
+        self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage == "val", batch_size=batch_size)
+        if self.top5:
+            getattr(self, f"{stage}_acc_top5")(logits, labels)
+            self.log(f"{stage}/acc_top5", getattr(self, f"{stage}_acc_top5"), batch_size=batch_size)
+        if self.teacher is not None:
+            reference = self.teacher_logits(images)
+            getattr(self, f"{stage}_agreement")(top1_agreement(logits, reference))
+            getattr(self, f"{stage}_kl")(soft_target_kl(logits, reference))
+            self.log(f"{stage}/agreement", getattr(self, f"{stage}_agreement"), batch_size=batch_size)
+            self.log(f"{stage}/kl", getattr(self, f"{stage}_kl"), batch_size=batch_size)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        best = self.val_acc_best.compute()
+        self.log("val/acc_best", best)
+        self.log("hp_metric", best)
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.student(images).softmax(dim=-1)
+
+    # ----------------------------------------------------------------------------------- optimisation
+    def trainable_modules(self) -> list[nn.Module]:
+        """The modules whose parameters the optimiser updates (never the teacher)."""
+        return [self.student]
+
+    def configure_optimizers(self) -> Any:
+        params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": self.hparams.lr_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/acc"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_train_epoch_start(self) -> None:
+        optimizer = self.optimizers()
+        optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
+        self.log("lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True)
+
+    def configure_callbacks(self) -> list[Callback]:
+        callbacks: list[Callback] = [TrainingThroughput()]
+        # Model selection on validation accuracy, unless the user configured their own monitor.
+        if not any(c.monitor for c in self.trainer.checkpoint_callbacks):
+            callbacks.append(ModelCheckpoint(monitor="val/acc", mode="max", save_last=True,
+                                             filename="best-epoch{epoch:03d}", auto_insert_metric_name=False))
+        return callbacks
+
+    # ----------------------------------------------------------------------------------- export
+    def student_network(self) -> nn.Module:
+        """The trained network as a plain module, for export and for use as a teacher."""
+        return self.student
+
+
+class TrainingThroughput(Callback):
+    """Training images per second, measured over the training loop only (validation excluded).
+
+    Counted over all processes (global batch), so the figure is comparable across device counts.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def _resume(self) -> None:
+        self._started = time.perf_counter()
+
+    def _pause(self) -> None:
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resume()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training:
+            self._resume()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self.images += batch[0].shape[0] * trainer.world_size
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.images = state_dict["images"]
+        self.seconds = state_dict["seconds"]
+
+
+__all__ = ["DistillModule", "TrainingThroughput", "NETWORK_PREFIX"]

@@ -1,0 +1,147 @@
+"""Name → builder registry of the model zoo, and :func:`create_model`.
+
+A builder is a function ``builder(num_classes, in_channels=3, image_size=None, **options)`` that
+returns a :class:`~distill.models.base.ClassifierModel`. :func:`register_model` adds one under its
+function name (timm's convention) or an explicit ``name``.
+
+Besides the registered zoo, ``create_model`` understands two prefixes that are not listed one by one
+(there are thousands of names):
+
+* ``tv.<name>``: any torchvision classification model (``torchvision.models.list_models(module=
+  torchvision.models)``), see :mod:`distill.models.external`;
+* ``timm.<name>``: any timm model, when timm is installed.
+
+``list_models("tv.*")`` and ``list_models("timm.*")`` list those on request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from typing import Any, Callable, TypeVar, overload
+
+from distill.errors import ConfigError, UnknownNameError
+from distill.models.base import ClassifierModel
+
+Builder = Callable[..., ClassifierModel]
+B = TypeVar("B", bound=Builder)
+
+_REGISTRY: dict[str, Builder] = {}
+# Arguments create_model passes to every builder itself; they are not "options".
+_COMMON_ARGS = ("num_classes", "in_channels", "image_size")
+EXTERNAL_PREFIXES = ("tv.", "timm.")
+
+
+@overload
+def register_model(fn: B) -> B: ...
+@overload
+def register_model(fn: None = None, *, name: str | None = None) -> Callable[[B], B]: ...
+
+
+def register_model(fn: Builder | None = None, *, name: str | None = None) -> Any:
+    """Registers a builder, as ``@register_model`` or ``@register_model(name="...")``."""
+
+    def add(builder: B) -> B:
+        key = name or builder.__name__
+        if key.startswith(EXTERNAL_PREFIXES):
+            raise ValueError(f"model names starting with {EXTERNAL_PREFIXES} are reserved: {key!r}")
+        if key in _REGISTRY and _REGISTRY[key] is not builder:
+            raise ValueError(f"model {key!r} is already registered (by {_REGISTRY[key].__module__})")
+        _REGISTRY[key] = builder
+        return builder
+
+    return add(fn) if fn is not None else add
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted names of the registered zoo, optionally filtered by an fnmatch ``pattern``.
+
+    External models are listed only when the pattern asks for them: ``"tv.*"`` (or e.g.
+    ``"tv.resnet*"``) lists torchvision models, ``"timm.*"`` timm models (empty without timm).
+    """
+    names = sorted(_REGISTRY)
+    if pattern is not None and pattern.startswith("tv."):
+        from distill.models.external import torchvision_model_names
+
+        names = ["tv." + n for n in torchvision_model_names()]
+    elif pattern is not None and pattern.startswith("timm."):
+        from distill.models.external import timm_model_names
+
+        names = ["timm." + n for n in timm_model_names()]
+    if pattern is None:
+        return names
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def unknown_name_error(name: str, candidates: list[str], what: str = "model") -> UnknownNameError:
+    """An :class:`UnknownNameError` whose one-line message suggests the closest names."""
+    lowered = {c.lower(): c for c in candidates}
+    close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=4, cutoff=0.6)]
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownNameError(
+        f"unknown {what} {name!r}.{hint} distill.models.list_models() lists all registered names "
+        "(plus 'tv.<name>' for torchvision and 'timm.<name>' for timm models)."
+    )
+
+
+def _check_options(name: str, builder: Builder, options: dict[str, Any]) -> None:
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p not in _COMMON_ARGS]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"its options are: {', '.join(accepted)}" if accepted else "it takes no extra options"
+        raise ConfigError(f"model {name!r} got unknown argument(s) {', '.join(unknown)}; {takes}.")
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> ClassifierModel:
+    """Builds a network of the zoo (or ``tv.<name>``/``timm.<name>``) by name.
+
+    Args:
+        name: a name from :func:`list_models`, ``tv.<torchvision name>`` or ``timm.<timm name>``.
+        num_classes: size of the logits.
+        in_channels: image channels (1 for grey-scale data).
+        image_size: input resolution; required by the MLPs (their input layer depends on it), ignored
+            by the convolutional zoo networks (they pool adaptively).
+        pretrained: download pretrained weights; only for ``tv.*`` and ``timm.*`` models.
+        **kwargs: options of the builder (e.g. ``drop_rate`` of the WRNs, ``hidden`` of ``mlp``).
+
+    Raises:
+        UnknownNameError: ``name`` is not registered (the message suggests close names).
+        ConfigError: an option the builder does not take, or an invalid value.
+        CheckpointError: pretrained weights could not be downloaded.
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ConfigError(f"in_channels must be a positive integer, got {in_channels!r}")
+
+    if name.startswith(EXTERNAL_PREFIXES):
+        from distill.models import external
+
+        if name.startswith("tv."):
+            model = external.create_torchvision(name[3:], num_classes, in_channels, image_size, pretrained, **kwargs)
+        else:
+            model = external.create_timm(name[5:], num_classes, in_channels, image_size, pretrained, **kwargs)
+    else:
+        builder = _REGISTRY.get(name)
+        if builder is None:
+            raise unknown_name_error(name, list(_REGISTRY))
+        _check_options(name, builder, kwargs)
+        if pretrained:
+            raise ConfigError(
+                f"model {name!r} has no downloadable pretrained weights (only tv.* and timm.* models "
+                "have); train it first and load the checkpoint instead."
+            )
+        model = builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    model.model_name = name
+    return model

@@ -1,0 +1,134 @@
+"""Run directories and the end of a run: test the best-validation checkpoint, export, write results.json.
+
+These functions are what the CLI calls after ``Trainer.fit``; notebooks call them the same way::
+
+    trainer = L.Trainer(max_epochs=5, logger=run_loggers("runs", "mnist5k/kd"))
+    trainer.fit(model, datamodule=dm)
+    results = finish_fit(trainer, model, dm)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from distill.methods.base import DistillModule, TrainingThroughput
+from distill.teachers import save_network
+
+#: Set by the process that starts a run so that DDP worker processes (which re-run the command)
+#: log into the same run directory instead of picking the next free version.
+RUN_DIR_ENV = "DISTILL_RUN_DIR"
+RESULTS_FILE = "results.json"
+EXPORT_FILE = "model.safetensors"
+
+
+def next_version_dir(root: str | Path, name: str) -> Path:
+    """``root/name/version_N`` with N one above the highest existing version: never an existing run."""
+    parent = Path(root) / name
+    taken = [int(m.group(1)) for p in parent.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return parent / f"version_{max(taken, default=-1) + 1}"
+
+
+def run_loggers(root: str | Path, name: str, version_dir: Path | None = None) -> list[Any]:
+    """TensorBoard (with an ``hp_metric`` of best validation accuracy) and CSV loggers in one directory."""
+    version_dir = version_dir or next_version_dir(root, name)
+    save_dir, name, version = str(version_dir.parent.parent), version_dir.parent.name, version_dir.name
+    return [
+        TensorBoardLogger(save_dir=save_dir, name=name, version=version, default_hp_metric=False),
+        CSVLogger(save_dir=save_dir, name=name, version=version),
+    ]
+
+
+def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    callbacks = [c for c in trainer.checkpoint_callbacks if c.monitor is not None]
+    return callbacks[0] if callbacks else None
+
+
+def throughput_callback(trainer: L.Trainer) -> TrainingThroughput | None:
+    return next((c for c in trainer.callbacks if isinstance(c, TrainingThroughput)), None)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def finish_fit(
+    trainer: L.Trainer,
+    model: DistillModule,
+    datamodule: L.LightningDataModule,
+    config: dict[str, Any] | None = None,
+    seed: int | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Tests the best-validation checkpoint and writes ``results.json`` and ``model.safetensors``.
+
+    Model selection uses the validation split only; the test split is evaluated once, here. Returns
+    the results dict (on every process; only global rank 0 writes files).
+    """
+    started = started if started is not None else time.time()
+    checkpoint = best_checkpoint_callback(trainer)
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    fit_epochs = trainer.current_epoch
+    throughput = throughput_callback(trainer)
+    test_metrics = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+    test_metrics = {k: _plain(v) for k, v in (test_metrics[0] if test_metrics else {}).items()}
+    best_score = checkpoint.best_model_score if checkpoint is not None else None
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    results: dict[str, Any] = {
+        "method": type(model).__name__,
+        "student": model.hparams.get("student"),
+        "teacher": model.teacher_info,
+        "best_val_acc": _plain(best_score) if best_score is not None else None,
+        "test_acc": test_metrics.get("test/acc"),
+        "test": test_metrics,
+        "epochs": fit_epochs,
+        "global_steps": trainer.global_step,
+        "wall_time_s": round(time.time() - started, 3),
+        "train_images_per_s": round(throughput.images_per_s, 2) if throughput else None,
+        "seed": seed,
+        "best_checkpoint": best_path or None,
+        "model_file": str(run_dir / EXPORT_FILE),
+        "run_dir": str(run_dir),
+        "config": config if config is not None else dict(model.hparams),
+    }
+    if trainer.is_global_zero:
+        save_network(model.student_network(), model.student_spec, run_dir / EXPORT_FILE,
+                     best_val_acc=results["best_val_acc"], test_acc=results["test_acc"])
+        write_json_atomic(run_dir / RESULTS_FILE, results)
+        _point_latest(run_dir)
+    return results
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _point_latest(run_dir: Path) -> None:
+    """``<name>/latest`` → the newest finished version, so configs can name a teacher by a stable path."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    try:
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        tmp.replace(link)
+    except OSError:  # file systems without symlinks: the versioned path still works
+        tmp.unlink(missing_ok=True)
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
