@@ -92,18 +92,37 @@ class DistillCLI(LightningCLI):
             print(f"Run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {Path(run_dir).parent}")
 
 
+def _user_error(err: BaseException | None) -> DistillError | None:
+    """The DistillError behind ``err``: jsonargparse wraps errors raised while building classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DistillError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> DistillCLI | None:
     """Entry point of the ``distill`` console script (``args`` for calls from Python and tests)."""
     owns_run_dir = RUN_DIR_ENV not in os.environ
     try:
         return DistillCLI(args=args)
-    except DistillError as err:
-        print(f"distill: error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"distill: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         if owns_run_dir:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The console script: exit status 0, or 2 for a user error (see :func:`main`)."""
     main()
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from distill.teachers import save_network
 #: Set by the process that starts a run so that DDP worker processes (which re-run the command)
 #: log into the same run directory instead of picking the next free version.
 RUN_DIR_ENV = "DISTILL_RUN_DIR"
+# TensorBoard and CSV logs share the run directory on purpose; the CSV logger only ever replaces
+# its own metrics.csv there, so its "directory not empty" warning is noise.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 RESULTS_FILE = "results.json"
 EXPORT_FILE = "model.safetensors"
 

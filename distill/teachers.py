@@ -79,10 +79,16 @@ def _safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch reports both refused globals (code the file would run) and garbage as UnpicklingError
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        refused = next((line for line in lines if "global" in line.lower() and "unsupported" in line.lower()), None)
+        if refused is None:
+            raise CheckpointError(f"cannot read {path}: not a valid PyTorch checkpoint (the file may be "
+                                  "truncated or of another format).") from None
         raise CheckpointError(
             f"refusing to load {path}: it contains pickled Python objects that could execute code "
-            f"({str(err).splitlines()[0][:160]}). Re-save only the tensors, e.g. "
-            "torch.save(model.state_dict(), path) or a .safetensors file."
+            f"({refused[:160]}). Re-save only the tensors, e.g. torch.save(model.state_dict(), path) "
+            "or a .safetensors file."
         ) from None
     except Exception as err:  # zip/EOF/format errors from a truncated or foreign file
         raise CheckpointError(

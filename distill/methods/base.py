@@ -10,11 +10,12 @@ frozen and out of checkpoints — lives here once.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,8 +25,9 @@ from distill.losses import soft_target_kl, top1_agreement
 from distill.models import create_model
 from distill.teachers import NETWORK_PREFIX, LoadedNetwork, NetworkSpec, load_network
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+# Lightning's callable types, which LightningCLI knows how to build from `class_path` + `init_args`.
+OptimizerFactory = OptimizerCallable
+SchedulerFactory = LRSchedulerCallable
 
 TEACHER_PREFIX = "teacher."
 
@@ -170,7 +172,7 @@ class DistillModule(L.LightningModule):
         batch_size = images.shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True,
-                     prog_bar=name == "loss", batch_size=batch_size)
+                     prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
         self.train_acc(logits.detach(), labels)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
         return losses["loss"]
@@ -201,8 +203,8 @@ class DistillModule(L.LightningModule):
             return
         self.val_acc_best(self.val_acc.compute())
         best = self.val_acc_best.compute()
-        self.log("val/acc_best", best)
-        self.log("hp_metric", best)
+        self.log("val/acc_best", best, sync_dist=True)
+        self.log("hp_metric", best, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -233,7 +235,7 @@ class DistillModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         optimizer = self.optimizers()
         optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
-        self.log("lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True)
+        self.log("lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_callbacks(self) -> list[Callback]:
         callbacks: list[Callback] = [TrainingThroughput()]

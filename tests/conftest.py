@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny generated data, tiny teachers, and a working directory per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from distill.data import DistillDataModule
+from distill.models import create_model
+from distill.teachers import NetworkSpec, save_network
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = dict(dataset="fake", num_classes=10, in_channels=3, image_size=16, fake_sizes=[96, 48, 48], batch_size=32)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_isolated(tmp_path, monkeypatch):
+    """Every test runs in its own directory (runs/ lands there) with one thread per op: the machines are small."""
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    yield
+
+
+def fake_datamodule(**overrides) -> DistillDataModule:
+    return DistillDataModule(**{**FAKE, **overrides})
+
+
+def write_teacher(path: Path, model: str = "resnet8", num_classes: int = 10, in_channels: int = 3,
+                  image_size: int = 16, seed: int = 0) -> Path:
+    """A randomly initialised network saved as a teacher file, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    spec = NetworkSpec(model, num_classes, in_channels, image_size)
+    network = spec.build()
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return save_network(network, spec, path)
+
+
+@pytest.fixture
+def teacher_file(tmp_path) -> Path:
+    return write_teacher(tmp_path / "teacher.safetensors")
+
+
+def tiny_trainer(root: Path, name: str = "run", **kwargs) -> L.Trainer:
+    from distill.run import run_loggers
+
+    options = dict(max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False,
+                   enable_model_summary=False, logger=run_loggers(root, name), num_sanity_val_steps=0)
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+__all__ = ["REPO", "FAKE", "fake_datamodule", "write_teacher", "tiny_trainer", "create_model"]

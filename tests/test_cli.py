@@ -1,0 +1,176 @@
+"""End-to-end runs of the `distill` command on small data, and its handling of bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, write_teacher
+from distill.cli import DistillCLI, main
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+CONFIGS = REPO / "configs"
+DISTILL = Path(sys.executable).with_name("distill")
+
+
+def fit(config: str, *extra: str) -> DistillCLI:
+    return main(["fit", "--config", str(CONFIGS / config), *QUIET, *extra])
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*") if p.is_file()} if root.exists() else {}
+
+
+def test_mnist5k_teacher_then_kd_end_to_end(tmp_path, capsys):
+    teacher = fit("mnist5k/teacher.yaml", "--trainer.max_epochs=1")
+    run_dir = Path(teacher.results["run_dir"])
+    assert run_dir == Path("runs/mnist5k/teacher/version_0")
+    assert "Run directory: runs/mnist5k/teacher/version_0" in capsys.readouterr().out
+
+    # kd.yaml names the teacher through runs/mnist5k/teacher/latest
+    kd = fit("mnist5k/kd.yaml", "--trainer.max_epochs=2")
+    kd_dir = Path(kd.results["run_dir"])
+    results = json.loads((kd_dir / "results.json").read_text())
+    assert results["method"] == "BaselineKD" and results["epochs"] == 2 and results["seed"] == 0
+    assert results["teacher"]["path"] == "runs/mnist5k/teacher/latest/model.safetensors"
+    assert 0.5 < results["test_acc"] <= 1.0 and 0.5 < results["best_val_acc"] <= 1.0
+    assert results["config"]["model"]["init_args"]["temperature"] == 20.0
+    assert results["config"]["model"]["init_args"]["num_classes"] == 10  # linked from the data
+    assert yaml.safe_load((kd_dir / "config.yaml").read_text())["seed_everything"] == 0
+    assert list(kd_dir.glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader(open(kd_dir / "metrics.csv")))
+    columns = set(rows[0])
+    assert {"val/acc", "val/agreement", "val/kl", "train/loss_kd_epoch", "train/loss_ce_epoch", "lr"} <= columns
+    assert (kd_dir / "model.safetensors").is_file()
+
+    # a second run of the same config gets a new directory; the first is untouched
+    before = tree_snapshot(kd_dir)
+    again = fit("mnist5k/kd.yaml", "--trainer.max_epochs=1", "--seed_everything=1")
+    assert Path(again.results["run_dir"]).name == "version_1" and tree_snapshot(kd_dir) == before
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A finished-looking run the bad commands must leave alone."""
+    run = tmp_path / "runs" / "mnist5k" / "kd" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"precious")
+    (run / "results.json").write_text("{}")
+    return tmp_path / "runs"
+
+
+BAD_INPUTS = {
+    "unknown model": (["--model.init_args.student", "resnet2"], "resnet20"),
+    "unknown data set": (["--data.dataset", "cifar11"], "cifar10"),
+    "missing data directory": (["--data.dataset", "cifar10", "--data.data_dir", "nowhere"], "nowhere"),
+    "missing teacher": (["--model.init_args.teacher", "missing.safetensors"], "missing.safetensors"),
+    "temperature <= 0": (["--model.init_args.temperature", "0"], "temperature"),
+    "alpha > 1": (["--model.init_args.alpha", "1.5"], "alpha"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_error_nothing_touched(case, tmp_path, existing_run, capsys):
+    args, expected = BAD_INPUTS[case]
+    write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
+    before = tree_snapshot(existing_run)
+    with pytest.raises(SystemExit) as exit_info:
+        fit("mnist5k/kd.yaml", "--model.init_args.teacher", "teacher.safetensors", *args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("distill: error: ") and expected in err[-1], err
+    assert "Traceback" not in "\n".join(err)
+    assert tree_snapshot(existing_run) == before
+
+
+@pytest.mark.parametrize("case", ["corrupt", "wrong classes", "unsafe pickle"])
+def test_bad_teacher_files(case, tmp_path, existing_run, capsys):
+    path = tmp_path / "teacher.pth"
+    if case == "corrupt":
+        path.write_bytes(b"garbage" * 100)
+        expected = "cannot read"
+    elif case == "wrong classes":
+        path = write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", num_classes=100,
+                             in_channels=1, image_size=28)
+        expected = "100 classes"
+    else:
+        import torch
+        torch.save({"model": {}, "hook": os.system}, path)
+        expected = "refusing to load"
+    before = tree_snapshot(existing_run)
+    with pytest.raises(SystemExit) as exit_info:
+        fit("mnist5k/kd.yaml", "--model.init_args.teacher", str(path))
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert tree_snapshot(existing_run) == before
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    result = subprocess.run([str(DISTILL), "fit", "--config", str(CONFIGS / "mnist5k/scratch.yaml"),
+                             "--model.init_args.student", "mlp_800"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("distill: error: unknown model 'mlp_800'") or \
+        "mlp_800" in result.stderr.strip().splitlines()[-1]
+
+
+def _config_overrides(config: Path, tmp_path: Path) -> list[str]:
+    """Swap the config's data for generated data of the same shape, and its teacher for a generated one."""
+    text = yaml.safe_load(config.read_text())
+    dataset = text["data"]["dataset"]
+    shape = {"mnist5k": (10, 1, 28), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32)}[dataset]
+    overrides = ["--data.dataset", "fake", "--data.num_classes", str(shape[0]), "--data.in_channels",
+                 str(shape[1]), "--data.image_size", str(shape[2]), "--data.download", "false",
+                 "--data.val_fraction", "null", "--data.num_workers", "0"]
+    init_args = text["model"]["init_args"]
+    if "teacher_model" in init_args:
+        teacher = write_teacher(tmp_path / "teacher.safetensors", model=init_args["teacher_model"],
+                                num_classes=shape[0], in_channels=shape[1], image_size=shape[2])
+        overrides += ["--model.init_args.teacher", str(teacher)]
+    return overrides
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")))
+def test_every_config_parses_and_instantiates(config, tmp_path):
+    path = CONFIGS / config
+    cli = DistillCLI(args=["--config", str(path), *_config_overrides(path, tmp_path)], run=False)
+    expected = yaml.safe_load(path.read_text())["model"]
+    assert cli.model.__class__.__name__ == expected["class_path"].rsplit(".", 1)[-1]
+    for key, value in expected["init_args"].items():
+        if key not in ("teacher", "optimizer", "lr_scheduler"):
+            assert cli.model.hparams[key] == value, key
+    assert cli.model.configure_optimizers() is not None
+    assert cli.trainer.max_epochs == yaml.safe_load(path.read_text())["trainer"]["max_epochs"]
+
+
+def test_bf16_mixed_precision_run(tmp_path):
+    teacher = write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
+    cli = fit("mnist5k/kd.yaml", "--model.init_args.teacher", str(teacher), "--trainer.max_epochs=1",
+              "--trainer.precision=bf16-mixed", "--trainer.accelerator=cpu")
+    results = json.loads((Path(cli.results["run_dir"]) / "results.json").read_text())
+    assert results["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert 0.0 < results["test_acc"] <= 1.0
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """`distill fit ... --trainer.devices 2 --trainer.strategy ddp` through the console script."""
+    teacher = write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
+    command = [str(DISTILL), "fit", "--config", str(CONFIGS / "mnist5k/kd.yaml"), *QUIET,
+               "--model.init_args.teacher", str(teacher), "--trainer.max_epochs=1",
+               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DISTILL_RUN_DIR", None)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(Path("runs/mnist5k/kd").glob("version_*"))
+    assert [r.name for r in runs] == ["version_0"]  # both processes logged into one run directory
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert str(results["config"]["trainer"]["devices"]) == "2" and 0.0 < results["test_acc"] <= 1.0

@@ -1,0 +1,180 @@
+"""Method invariants: the teacher stays frozen and out of checkpoints; results are written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import fake_datamodule, tiny_trainer, write_teacher
+from distill.errors import CheckpointError, ConfigError
+from distill.methods import BaselineKD, Supervised
+from distill.run import finish_fit
+from distill.teachers import load_network, sha256_of
+
+DATA = dict(num_classes=10, in_channels=3, image_size=16)
+
+
+def kd_module(teacher, **kwargs) -> BaselineKD:
+    return BaselineKD(student="resnet8", teacher=str(teacher), **{**DATA, **kwargs})
+
+
+def test_teacher_unchanged_frozen_and_not_optimised(tmp_path, teacher_file):
+    model = kd_module(teacher_file)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    seen_modes = []
+
+    original = model.teacher_logits
+
+    def spy(images):
+        seen_modes.append(model.teacher.training)
+        out = original(images)
+        assert not out.requires_grad
+        return out
+
+    model.teacher_logits = spy
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(model, datamodule=fake_datamodule())
+
+    assert seen_modes and not any(seen_modes)
+    for key, value in model.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key  # weights and BatchNorm buffers bit-identical
+    assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in model.teacher.parameters()}
+    assert optimised == {id(p) for p in model.student.parameters()}
+
+
+def test_checkpoints_hold_no_teacher_and_resume(tmp_path, teacher_file):
+    model = kd_module(teacher_file)
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(model, datamodule=fake_datamodule())
+    ckpt_dir = tmp_path / "run" / "version_0" / "checkpoints"
+    files = sorted(ckpt_dir.glob("*.ckpt"))
+    assert {f.name for f in files} >= {"last.ckpt"} and len(files) == 2
+    for file in files:
+        checkpoint = torch.load(file, weights_only=True)
+        assert not [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]
+        assert any(k.startswith("student.") for k in checkpoint["state_dict"])
+        assert checkpoint["teacher"]["sha256"] == sha256_of(teacher_file)
+
+    resumed = kd_module(teacher_file)
+    trainer = tiny_trainer(tmp_path, max_epochs=3)
+    trainer.fit(resumed, datamodule=fake_datamodule(), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert trainer.current_epoch == 3
+
+    other = write_teacher(tmp_path / "other.safetensors", seed=1)
+    with pytest.raises(CheckpointError, match="resume with the original teacher"):
+        tiny_trainer(tmp_path, max_epochs=4).fit(kd_module(other), datamodule=fake_datamodule(),
+                                                 ckpt_path=str(ckpt_dir / "last.ckpt"))
+
+
+def test_finish_fit_writes_results_and_exports_a_teacher(tmp_path, teacher_file):
+    model = kd_module(teacher_file)
+    trainer = tiny_trainer(tmp_path)
+    dm = fake_datamodule()
+    trainer.fit(model, datamodule=dm)
+    results = finish_fit(trainer, model, dm, seed=0)
+    run_dir = tmp_path / "run" / "version_0"
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert on_disk["run_dir"] == str(run_dir)
+    for key in ("best_val_acc", "test_acc", "epochs", "wall_time_s", "train_images_per_s", "seed", "config"):
+        assert on_disk[key] is not None, key
+    assert 0.0 <= on_disk["best_val_acc"] <= 1.0 and 0.0 <= on_disk["test_acc"] <= 1.0
+    assert on_disk["epochs"] == 2 and on_disk["train_images_per_s"] > 0
+    assert on_disk["teacher"]["sha256"] == sha256_of(teacher_file)
+    assert results["test_acc"] == on_disk["test_acc"]
+    assert (tmp_path / "run" / "latest").resolve() == run_dir.resolve()
+
+    # the exported network is the best-validation checkpoint's student, and loads as a teacher
+    loaded = load_network(run_dir / "model.safetensors", None, num_classes=10, image_size=16)
+    best = torch.load(on_disk["best_checkpoint"], weights_only=True)["state_dict"]
+    for key, value in loaded.network.state_dict().items():
+        assert torch.equal(value, best["student." + key]), key
+
+
+def test_lightning_checkpoint_of_supervised_is_a_teacher(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(Supervised(student="takd_cnn2", **DATA), datamodule=fake_datamodule())
+    ckpt = trainer.checkpoint_callback.best_model_path
+    kd = kd_module(ckpt)
+    assert kd.teacher_info["model"] == "takd_cnn2" and kd.teacher_info["path"] == ckpt
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    for key, value in kd.teacher.state_dict().items():
+        assert torch.equal(value, saved["student." + key]), key
+
+
+@pytest.mark.parametrize("wrapper", ["plain", "state_dict", "model"])
+def test_plain_state_dict_teachers(tmp_path, wrapper):
+    network = load_network(write_teacher(tmp_path / "t.safetensors"), None, num_classes=10).network
+    state = network.state_dict()
+    obj = {"plain": state, "state_dict": {"state_dict": state}, "model": {"model": state, "epoch": 240}}[wrapper]
+    torch.save(obj, tmp_path / "t.pth")
+    with pytest.raises(ConfigError, match="teacher_model"):
+        kd_module(tmp_path / "t.pth")
+    kd = kd_module(tmp_path / "t.pth", teacher_model="resnet8")
+    for key, value in kd.teacher.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling would create the marker file: proof of code execution
+        return (open, (str(self.marker), "w"))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        kd_module(tmp_path / "evil.pth", teacher_model="resnet8")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".ckpt", ".safetensors"])
+def test_corrupt_or_missing_teacher(tmp_path, suffix):
+    corrupt = tmp_path / f"corrupt{suffix}"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        kd_module(corrupt, teacher_model="resnet8")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        kd_module(tmp_path / f"missing{suffix}")
+
+
+def test_teacher_for_other_class_count(tmp_path):
+    teacher = write_teacher(tmp_path / "t100.safetensors", num_classes=100)
+    with pytest.raises(CheckpointError, match="100 classes but the data has 10"):
+        kd_module(teacher)
+    state = load_network(teacher, None, num_classes=100).network.state_dict()
+    torch.save(state, tmp_path / "t100.pth")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        kd_module(tmp_path / "t100.pth", teacher_model="resnet8")
+
+
+def test_teacher_model_must_match_file(teacher_file):
+    with pytest.raises(CheckpointError, match="teacher_model"):
+        kd_module(teacher_file, teacher_model="resnet20")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),
+    ({"alpha": 1.5}, "alpha"), ({"alpha": -0.1}, "alpha"),
+])
+def test_invalid_kd_hyperparameters(teacher_file, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        kd_module(teacher_file, **kwargs)
+
+
+def test_kd_training_step_logs_loss_parts(tmp_path, teacher_file):
+    model = kd_module(teacher_file)
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, datamodule=fake_datamodule())
+    logged = trainer.logged_metrics
+    for key in ("train/loss_epoch", "train/loss_ce_epoch", "train/loss_kd_epoch", "train/acc", "val/acc",
+                "val/acc_top5", "val/agreement", "val/kl", "val/acc_best", "lr"):
+        assert key in logged, key
+    assert 0.0 <= float(logged["val/agreement"]) <= 1.0 and float(logged["val/kl"]) >= 0.0
