@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import urllib.error
 from pathlib import Path
@@ -290,7 +291,7 @@ def test_imagefolder_rejects_a_class_only_in_test(tmp_path):
     root = image_tree(tmp_path)
     write_images(root / "test" / "dog", 2, (16, 16), 0)
     with pytest.raises(ConfigError, match="dog"):
-        DistillDataModule("imagefolder", data_dir=str(root)).setup()
+        DistillDataModule("imagefolder", data_dir=str(root))
 
 
 def test_imagenet_layout_uses_val_as_test(tmp_path):
@@ -334,6 +335,49 @@ def test_failed_download_becomes_data_not_found(tmp_path, monkeypatch):
     assert (dm.num_classes, dm.image_size, dm.in_channels, dm.augment) == (100, 32, 3, "cifar")
     with pytest.raises(DataNotFoundError, match="downloading cifar100 .* failed .*name resolution"):
         dm.prepare_data()
+
+
+def write_cifar(root: Path, name: str, per_class: int = 2) -> np.ndarray:
+    """CIFAR in torchvision's python-pickle layout, tiny; returns the test images (N x 3 x 32 x 32)."""
+    rng = np.random.default_rng(0)
+    classes = 10 if name == "cifar10" else 100
+    folder, key = ("cifar-10-batches-py", "labels") if name == "cifar10" else ("cifar-100-python", "fine_labels")
+    files = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
+    (root / folder).mkdir(parents=True)
+    for file in files:
+        labels = list(range(classes)) * per_class
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        with open(root / folder / file, "wb") as handle:
+            pickle.dump({"data": data, key: labels}, handle)
+    meta = ("batches.meta", "label_names") if name == "cifar10" else ("meta", "fine_label_names")
+    with open(root / folder / meta[0], "wb") as handle:
+        pickle.dump({meta[1]: [f"c{k}" for k in range(classes)]}, handle)
+    return data.reshape(-1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_files_load_with_a_carved_stratified_validation_split(tmp_path, monkeypatch, name):
+    import torchvision.datasets.cifar as cifar
+
+    test_images = write_cifar(tmp_path, name)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # our files, not the real md5s
+    dm = DistillDataModule(name, data_dir=str(tmp_path), batch_size=1000)
+    classes = dm.num_classes
+    sizes = [len(dm._split(s)) for s in ("train", "val", "test")]
+    train_total = 10 * classes if name == "cifar10" else 2 * classes
+    assert sizes == [train_total - train_total // 10, train_total // 10, 2 * classes]
+    assert np.bincount(dm._split("val").labels, minlength=classes).max() == 1
+    images, labels, _ = next(iter(dm.test_dataloader()))
+    mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
+    torch.testing.assert_close(images, (torch.from_numpy(test_images).float() / 255 - mean) / std)
+    assert dm.class_names[1] == ("automobile" if name == "cifar10" else "c1")
+
+
+def test_corrupt_cifar_files_are_reported(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    dm = DistillDataModule("cifar10", data_dir=str(tmp_path))  # the cheap check only sees the files exist
+    with pytest.raises(DataNotFoundError, match="corrupt"):
+        dm.setup()
 
 
 @pytest.mark.parametrize("name", ["cifar100", "flowers102", "oxford_pets", "food101", "sun397"])
@@ -411,6 +455,7 @@ def test_unknown_names_suggest_the_close_one(kwargs, expected):
     ({"num_workers": -1}, "num_workers"),
     ({"image_size": 0}, "image_size"),
     ({"train_subset": 0}, "train_subset"),
+    ({"split_seed": -1}, "split_seed"),
     ({"mean": [0.5, 0.5, 0.5]}, "1-channel"),
     ({"std": [0.0]}, "positive"),
     ({"num_classes": 5}, "fake"),

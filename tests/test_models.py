@@ -164,7 +164,8 @@ def test_parameter_counts(name, classes, published):
 
 
 def test_parameter_count_follows_in_channels():
-    assert n_params(create_model("resnet32x4", 100, in_channels=1)) == cifar_resnet_params(32, (32, 64, 128, 256), 100, 1)
+    grey_x4 = create_model("resnet32x4", 100, in_channels=1)
+    assert n_params(grey_x4) == cifar_resnet_params(32, (32, 64, 128, 256), 100, 1)
     assert n_params(create_model("wrn_40_2", 100, in_channels=1)) == wrn_params(40, 2, 100, 1)
 
 

@@ -32,11 +32,14 @@ class ClassifierModel(nn.Module):
         num_classes: size of the logits.
         feature_channels: channels (or width) of each element of :meth:`forward_features`.
         model_name: the registry name it was created under (set by ``create_model``), or ``None``.
+        supports_features: ``False`` only for external networks whose stages are not exposed
+            (see :mod:`distill.models.external`); their ``forward`` works, ``forward_features`` raises.
     """
 
     num_classes: int
     feature_channels: list[int]
     model_name: str | None = None
+    supports_features: bool = True
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Returns the output of each stage, shallow to deep; the last one feeds the head."""

@@ -7,7 +7,8 @@ The architecture, module names and initialisation follow the CIFAR ResNets of Re
 (HobbitLong/RepDistiller, ``models/resnet.py``) and mdistiller (megvii-research/mdistiller,
 ``mdistiller/models/cifar/resnet.py``), the code behind most published CIFAR-100 distillation
 results, so their published teacher checkpoints load with ``model.load_state_dict(ckpt["model"])``
-unchanged. Choices shared with them that differ from He et al.:
+unchanged. TAKD's ``resnet_cifar.py`` (the ``resnet<N>`` of Mirzadeh et al.) is the same network with
+the same names, 16/32/64 widths only. Choices shared with them that differ from He et al.:
 
 * shortcuts that change shape are 1×1 convolution + BatchNorm projections ("option B"); the paper
   used parameter-free zero-padding shortcuts ("option A") on CIFAR, so the parameter counts are
@@ -26,7 +27,7 @@ Differences from the peers' code, none of which changes the function at 32×32 i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 

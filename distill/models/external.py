@@ -18,8 +18,9 @@ failed download raises :class:`~distill.errors.CheckpointError`. With pretrained
   their RGB-specific ``transform_input``.
 
 Without pretrained weights the network is simply built with ``num_classes`` and the first
-convolution rebuilt for ``in_channels``. For ``vit_*`` models without pretrained weights, ``image_size``
-is passed on to the builder (pretrained ViTs need 224×224 inputs). Other builder options go through ``**kwargs`` (e.g. ``dropout=0.2``).
+convolution rebuilt for ``in_channels``. For ``vit_*`` models without pretrained weights,
+``image_size`` is passed on to the builder (pretrained ViTs need 224×224 inputs). Other builder
+options go through ``**kwargs`` (e.g. ``dropout=0.2``).
 
 :meth:`forward_features` support (stage features, shallow to deep; the last one feeds the head):
 
@@ -52,7 +53,8 @@ layout is timm's: token models (ViT) give token tensors as their final feature.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +99,6 @@ def _feature_width(t: Tensor) -> int:
 
 class ExternalModel(ClassifierModel):
     """Common part of the torchvision and timm wrappers."""
-
-    supports_features: bool = True
 
     def __init__(self, net: nn.Module, num_classes: int):
         super().__init__()
@@ -231,7 +231,9 @@ class TorchvisionModel(ExternalModel):
         return _tv_head(self.net, self.family, feature)
 
 
-def _replace_modules(root: nn.Module, select: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
+def _replace_modules(
+    root: nn.Module, select: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]
+) -> int:
     targets = [name for name, m in root.named_modules() if name and select(m)]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
@@ -264,7 +266,9 @@ def _replace_first_conv(net: nn.Module, in_channels: int, adapt_weights: bool) -
         raise ConfigError(f"{type(net).__name__} has no convolution to adapt to {in_channels} input channels")
     old: nn.Conv2d = net.get_submodule(first)
     if old.groups != 1:
-        raise ConfigError(f"cannot adapt the grouped first convolution of {type(net).__name__} to {in_channels} channels")
+        raise ConfigError(
+            f"cannot adapt the grouped first convolution of {type(net).__name__} to {in_channels} channels"
+        )
 
     def make(m: nn.Module) -> nn.Module:
         new = nn.Conv2d(
@@ -348,7 +352,8 @@ class TimmModel(ExternalModel):
         fixed = getattr(getattr(net, "patch_embed", None), "img_size", None)
         if fixed is not None:
             return tuple(int(s) for s in fixed)  # type: ignore[return-value]
-        return tuple(int(s) for s in net.pretrained_cfg.get("input_size", (3, 224, 224))[-2:])  # type: ignore[return-value]
+        size = net.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+        return tuple(int(s) for s in size)  # type: ignore[return-value]
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         if not self.use_intermediates:
@@ -373,6 +378,8 @@ def create_timm(
         raise unknown_name_error("timm." + name, ["timm." + n for n in timm.list_models()], what="timm model")
     build = dict(num_classes=num_classes, in_chans=in_channels, **kwargs)
     try:
+        # Built once without weights first, so that a bad option is reported as such and not as a
+        # failed download (timm's download errors come from several libraries).
         net = timm.create_model(name, pretrained=False, **build)
         if pretrained:
             try:

@@ -17,7 +17,7 @@ dropout); the head is dropout (rate ``dropout``) followed by the last linear lay
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 

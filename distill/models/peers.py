@@ -14,7 +14,8 @@ the same module names, so the state_dict loads as it is::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -43,6 +44,8 @@ def convert_peer_state_dict(arch_name: str, state_dict: Mapping[str, Any]) -> di
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         if not isinstance(value, Tensor):
-            raise CheckpointError(f"entry {key!r} of the {arch_name} checkpoint is not a tensor ({type(value).__name__})")
+            raise CheckpointError(
+                f"entry {key!r} of the {arch_name} checkpoint is not a tensor ({type(value).__name__})"
+            )
         out[key[len("module."):] if key.startswith("module.") else key] = value
     return out

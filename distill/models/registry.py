@@ -19,7 +19,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-from typing import Any, Callable, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 from distill.errors import ConfigError, UnknownNameError
 from distill.models.base import ClassifierModel

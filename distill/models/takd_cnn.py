@@ -31,7 +31,7 @@ features for size 2, four for size 10); the last is the map the head pools and f
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -86,7 +86,11 @@ class TakdCNN(ClassifierModel):
                 self.feature_channels.append(channels)
             else:
                 width = int(item)
-                layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(channels, width, kernel_size=3, padding=1),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
                 channels = width
         if convs[-1] != "P":
             self._stage_ends.append(len(layers) - 1)
