@@ -42,7 +42,7 @@ def test_mnist5k_teacher_then_kd_end_to_end(tmp_path, capsys):
     assert results["method"] == "BaselineKD" and results["epochs"] == 2 and results["seed"] == 0
     assert results["teacher"]["path"] == "runs/mnist5k/teacher/latest/model.safetensors"
     assert 0.5 < results["test_acc"] <= 1.0 and 0.5 < results["best_val_acc"] <= 1.0
-    assert results["config"]["model"]["init_args"]["temperature"] == 20.0
+    assert results["config"]["model"]["init_args"]["temperature"] == 4.0
     assert results["config"]["model"]["init_args"]["num_classes"] == 10  # linked from the data
     assert yaml.safe_load((kd_dir / "config.yaml").read_text())["seed_everything"] == 0
     assert list(kd_dir.glob("events.out.tfevents.*"))
