@@ -119,8 +119,23 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
+#: Subcommands that are not LightningCLI's: ``distill <name> ...`` calls ``<module>.main(argv)``.
+TOOLS = {"report": "distill.report", "sweep": "distill.sweep"}
+
+
 def entry_point() -> None:
     """The console script: exit status 0, or 2 for a user error (see :func:`main`)."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        tool = importlib.import_module(TOOLS[argv[0]])
+        try:
+            tool.main(argv[1:])
+        except DistillError as err:
+            print(f"distill: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     main()
 
 
