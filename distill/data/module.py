@@ -6,11 +6,12 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from distill.data.base import Source, SourceConfig
 from distill.data.catalog import SOURCES, lookup
-from distill.data.splits import SUBSET_STREAM, VAL_STREAM, IndexedSplit, SplitData, split_off, stratified_pick
+from distill.data.splits import SUBSET_STREAM, VAL_STREAM, EpochShuffle, IndexedSplit, SplitData, split_off, stratified_pick
 from distill.data.transforms import PRESETS, NormalizeBatch, eval_transform, train_transform
 from distill.data.tvsets import TorchvisionSource
 from distill.errors import ConfigError
@@ -206,6 +207,10 @@ class DistillDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._split("test"), self.eval_batch_size, shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        """``distill predict`` runs over the test split, in order."""
+        return self.test_dataloader()
+
     def eval_dataloader(self, split: str = "train") -> DataLoader:
         """A split in order and without augmentation, e.g. to compute teacher outputs per training image."""
         lookup("split", split, SPLITS, "eval_dataloader")
@@ -223,7 +228,8 @@ class DistillDataModule(L.LightningDataModule):
         return DataLoader(
             data,
             batch_size=batch_size,
-            shuffle=shuffle,
+            # seeded by the run's seed (seed_everything sets torch's initial seed) and the epoch
+            sampler=EpochShuffle(data, torch.initial_seed()) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, RandomSampler
 
 # Streams of the split generator; the numbers are part of the splits' definition, do not change.
 TEST_STREAM, VAL_STREAM, SUBSET_STREAM = 0, 1, 2
@@ -105,3 +106,25 @@ class IndexedSplit(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         image, label = self.data.base[int(self.data.indices[index])]
         return self.transform(image), int(label), int(index)
+
+
+class EpochShuffle(RandomSampler):
+    """A random order per epoch that depends only on ``(seed, epoch)``.
+
+    torch's RandomSampler draws each epoch's order from the global RNG, whose state after a resume
+    differs from an uninterrupted run's; this one makes a resumed run see exactly the batches it
+    would have seen. Lightning calls :meth:`set_epoch` every epoch, and, being a RandomSampler, it
+    is still replaced by a shuffling DistributedSampler (itself seeded by epoch) under DDP.
+    """
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**62)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
