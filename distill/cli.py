@@ -120,7 +120,7 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
 
 
 #: Subcommands that are not LightningCLI's: ``distill <name> ...`` calls ``<module>.main(argv)``.
-TOOLS = {"report": "distill.report", "sweep": "distill.sweep"}
+TOOLS = {"report": "distill.report", "sweep": "distill.sweep", "choose-assistant": "distill.choose_assistant"}
 
 
 def entry_point() -> None:

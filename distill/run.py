@@ -84,9 +84,17 @@ def finish_fit(
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     fit_epochs = trainer.current_epoch
     throughput = throughput_callback(trainer)
-    test_metrics = trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
-    test_metrics = {k: _plain(v) for k, v in (test_metrics[0] if test_metrics else {}).items()}
-    best_score = checkpoint.best_model_score if checkpoint is not None else None
+    stages = []
+    for name in model.evaluation_stages():  # staged methods: every stage's network, the last one final
+        record = dict(model.select_stage(name))
+        stage_metrics = _test(trainer, model, datamodule, None)
+        stages.append({**record, "test_acc": stage_metrics.get(f"{name}/test/acc"), "test": stage_metrics})
+    if stages:
+        test_metrics = {k.split("/", 1)[1]: v for k, v in stages[-1]["test"].items()}
+        best_score = stages[-1].get("best_val_acc")
+    else:
+        test_metrics = _test(trainer, model, datamodule, best_path or None)
+        best_score = checkpoint.best_model_score if checkpoint is not None else None
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     results: dict[str, Any] = {
         "method": type(model).__name__,
@@ -105,12 +113,20 @@ def finish_fit(
         "run_dir": str(run_dir),
         "config": config if config is not None else dict(model.hparams),
     }
+    if stages:
+        results["stages"] = stages
     if trainer.is_global_zero:
         save_network(model.student_network(), model.student_spec, run_dir / EXPORT_FILE,
                      best_val_acc=results["best_val_acc"], test_acc=results["test_acc"])
         write_json_atomic(run_dir / RESULTS_FILE, results)
         _point_latest(run_dir)
     return results
+
+
+def _test(trainer: L.Trainer, model: DistillModule, datamodule: L.LightningDataModule,
+          ckpt_path: str | None) -> dict[str, Any]:
+    metrics = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return {k: _plain(v) for k, v in (metrics[0] if metrics else {}).items()}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

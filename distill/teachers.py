@@ -101,6 +101,13 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, t
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _without_data_parallel_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved from ``nn.DataParallel``/DDP carry ``module.`` before every key (peers' teachers do)."""
+    if state and all(k.startswith("module.") for k in state):
+        return _strip_prefix(state, "module.")
+    return dict(state)
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -149,9 +156,9 @@ def _read_file(path: Path, fallback: NetworkSpec | None) -> tuple[NetworkSpec, d
         return NetworkSpec(**obj["distill_spec"]), dict(obj["state_dict"])
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
-            return _require(fallback, path), dict(obj[key])
+            return _require(fallback, path), _without_data_parallel_prefix(obj[key])
     if _is_state_dict(obj):
-        return _require(fallback, path), dict(obj)
+        return _require(fallback, path), _without_data_parallel_prefix(obj)
     raise CheckpointError(
         f"{path} holds no state_dict (expected a dict of tensors, or one under 'state_dict' or 'model')."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -18,10 +19,17 @@ FAKE = dict(dataset="fake", num_classes=10, in_channels=3, image_size=16, fake_s
 
 @pytest.fixture(autouse=True)
 def _quiet_and_isolated(tmp_path, monkeypatch):
-    """Every test runs in its own directory (runs/ lands there) with one thread per op: the machines are small."""
+    """Every test runs in its own directory (runs/ lands there) with one thread per op: the machines are small.
+
+    The environment is restored afterwards: Lightning writes cluster variables (MASTER_ADDR from a
+    simulated SLURM job, MASTER_PORT, ...) into ``os.environ``, and a later DDP test would inherit them.
+    """
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
+    environment = dict(os.environ)
     yield
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def fake_datamodule(**overrides) -> DistillDataModule:

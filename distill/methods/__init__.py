@@ -3,5 +3,6 @@
 from distill.methods.base import DistillModule
 from distill.methods.baseline_kd import BaselineKD
 from distill.methods.supervised import Supervised
+from distill.methods.teacher_assistant import TeacherAssistantKD
 
-__all__ = ["DistillModule", "Supervised", "BaselineKD"]
+__all__ = ["DistillModule", "Supervised", "BaselineKD", "TeacherAssistantKD"]

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill.errors import CheckpointError, ConfigError
 from distill.losses import soft_target_kl, top1_agreement
 from distill.models import create_model
+from distill.scaling import scale_learning_rates
 from distill.teachers import NETWORK_PREFIX, LoadedNetwork, NetworkSpec, load_network
 
 # Lightning's callable types, which LightningCLI knows how to build from `class_path` + `init_args`.
@@ -80,6 +81,8 @@ class DistillModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.teacher: nn.Module | None = None
         self.teacher_info: dict[str, Any] | None = None
+        #: Prepended to every logged name; staged methods set it per stage (``"ta1/"``).
+        self.log_prefix = ""
         self._configure_metrics(num_classes)
 
     # ----------------------------------------------------------------------------------- teacher
@@ -113,11 +116,20 @@ class DistillModule(L.LightningModule):
             self.teacher.eval()
         return self
 
+    def active_teacher(self) -> nn.Module | None:
+        """The network teaching now; staged methods change it from stage to stage."""
+        return self.teacher
+
+    def active_network(self) -> nn.Module:
+        """The network being trained and evaluated now; staged methods change it from stage to stage."""
+        return self.student
+
     @torch.no_grad()
     def teacher_logits(self, images: Tensor) -> Tensor:
         """Teacher forward without autograd (no_grad, not inference_mode: its outputs enter the loss)."""
-        assert self.teacher is not None
-        return self.teacher(images)
+        teacher = self.active_teacher()
+        assert teacher is not None
+        return teacher(images)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is an input, not a result: checkpoints record where it came from, not its tensors.
@@ -164,7 +176,7 @@ class DistillModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- steps
     def forward(self, images: Tensor) -> Tensor:
-        return self.student(images)
+        return self.active_network()(images)
 
     def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns the student's logits and the loss parts, the total under ``"loss"``."""
@@ -175,29 +187,30 @@ class DistillModule(L.LightningModule):
         logits, losses = self.training_losses(images, labels)
         batch_size = images.shape[0]
         for name, value in losses.items():
-            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=True,
+            self.log(f"{self.log_prefix}train/{name}", value.detach(), on_step=True, on_epoch=True,
                      prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
         self.train_acc(logits.detach(), labels)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log(f"{self.log_prefix}train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
         return losses["loss"]
 
     def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
         images, labels, _ = batch
-        logits = self.student(images)
+        logits = self.active_network()(images)
         batch_size = images.shape[0]
+        prefix = f"{self.log_prefix}{stage}"
         getattr(self, f"{stage}_loss")(nn.functional.cross_entropy(logits.float(), labels), batch_size)
         getattr(self, f"{stage}_acc")(logits, labels)
-        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), batch_size=batch_size)
-        self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage == "val", batch_size=batch_size)
+        self.log(f"{prefix}/loss", getattr(self, f"{stage}_loss"), batch_size=batch_size)
+        self.log(f"{prefix}/acc", getattr(self, f"{stage}_acc"), prog_bar=stage == "val", batch_size=batch_size)
         if self.top5:
             getattr(self, f"{stage}_acc_top5")(logits, labels)
-            self.log(f"{stage}/acc_top5", getattr(self, f"{stage}_acc_top5"), batch_size=batch_size)
-        if self.teacher is not None:
+            self.log(f"{prefix}/acc_top5", getattr(self, f"{stage}_acc_top5"), batch_size=batch_size)
+        if self.active_teacher() is not None:
             reference = self.teacher_logits(images)
             getattr(self, f"{stage}_agreement")(top1_agreement(logits, reference))
             getattr(self, f"{stage}_kl")(soft_target_kl(logits, reference))
-            self.log(f"{stage}/agreement", getattr(self, f"{stage}_agreement"), batch_size=batch_size)
-            self.log(f"{stage}/kl", getattr(self, f"{stage}_kl"), batch_size=batch_size)
+            self.log(f"{prefix}/agreement", getattr(self, f"{stage}_agreement"), batch_size=batch_size)
+            self.log(f"{prefix}/kl", getattr(self, f"{stage}_kl"), batch_size=batch_size)
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -207,7 +220,7 @@ class DistillModule(L.LightningModule):
             return
         self.val_acc_best(self.val_acc.compute())
         best = self.val_acc_best.compute()
-        self.log("val/acc_best", best, sync_dist=True)
+        self.log(f"{self.log_prefix}val/acc_best", best, sync_dist=True)
         self.log("hp_metric", best, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
@@ -215,7 +228,7 @@ class DistillModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.student(images).softmax(dim=-1)
+        return self.active_network()(images).softmax(dim=-1)
 
     # ----------------------------------------------------------------------------------- optimisation
     def trainable_modules(self) -> list[nn.Module]:
@@ -228,6 +241,8 @@ class DistillModule(L.LightningModule):
             optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
         else:
             optimizer = self.optimizer_factory(params)
+        # Before the scheduler exists, so that it takes the scaled rate as its base rate.
+        scale_learning_rates(self._trainer, optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -248,6 +263,14 @@ class DistillModule(L.LightningModule):
             callbacks.append(ModelCheckpoint(monitor="val/acc", mode="max", save_last=True,
                                              filename="best-epoch{epoch:03d}", auto_insert_metric_name=False))
         return callbacks
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def evaluation_stages(self) -> list[str]:
+        """Names of the networks a staged method tests one by one at the end of ``fit`` (none here)."""
+        return []
+
+    def select_stage(self, name: str) -> dict[str, Any]:
+        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------- export
     def student_network(self) -> nn.Module:

@@ -1,0 +1,179 @@
+"""`distill report` on real (tiny) runs: table rows and numbers, seed grouping, plots, errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from distill import report
+from distill.data import DistillDataModule
+from distill.errors import DistillError
+from distill.methods import BaselineKD, Supervised
+from distill.run import finish_fit, run_loggers
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_fit(root: Path, name: str, method: type, seed: int, augment: str = "none", **kwargs) -> dict:
+    """One real run through the classes the CLI builds: 2 epochs of 4 batches on mnist5k."""
+    L.seed_everything(seed)
+    data = DistillDataModule(dataset="mnist5k", batch_size=64, augment=augment)
+    model = method(num_classes=10, in_channels=1, image_size=28, **kwargs)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=2, accelerator="cpu", devices=1,
+                        logger=run_loggers(root, f"mnist5k/{name}"), enable_progress_bar=False,
+                        enable_model_summary=False)
+    started = time.time()
+    trainer.fit(model, datamodule=data)
+    # a config shaped like the CLI's, so that grouping sees the seed where `distill fit` records it
+    config = {"seed_everything": seed, "model": dict(model.hparams), "data": dict(data.hparams),
+              "trainer": {"max_epochs": 2, "limit_train_batches": 4, "default_root_dir": str(root)}}
+    return finish_fit(trainer, model, data, config=config, seed=seed, started=started)
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    """A teacher, two seeds of a from-scratch student and one KD student."""
+    root = tmp_path_factory.mktemp("report") / "runs"
+    teacher = tiny_fit(root, "teacher", Supervised, 0, augment="jitter", student="mlp_1200_1200")
+    tiny_fit(root, "scratch", Supervised, 0, student="mlp_800_800")
+    tiny_fit(root, "scratch", Supervised, 1, student="mlp_800_800")
+    tiny_fit(root, "kd", BaselineKD, 0, student="mlp_800_800", teacher=teacher["model_file"])
+    return root
+
+
+def results_of(root: Path, name: str) -> list[dict]:
+    return [json.loads((d / "results.json").read_text())
+            for d in sorted((root / "mnist5k" / name).glob("version_*"))]
+
+
+def table_rows(table: str) -> list[dict[str, str]]:
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert set(lines[1].replace("|", "").replace("-", "").replace(":", "")) <= {""}
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def test_report_table_plots_and_markdown(runs_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    report.main([str(runs_root), "--out", str(out)])
+    printed = capsys.readouterr().out
+    markdown = (out / "report.md").read_text()
+    rows = {(r["method"], r["student"]): r for r in table_rows(printed)}
+    assert table_rows(markdown) == list(rows.values())  # the printed table is the report's
+    assert len(rows) == 3  # teacher, scratch (two seeds, one row), KD
+
+    (teacher,) = results_of(runs_root, "teacher")
+    row = rows["Supervised", "mlp_1200_1200"]
+    assert (row["n"], row["seeds"], row["teacher"], row["agreement (%)"]) == ("1", "0", "–", "–")
+    assert row["val acc (%)"] == pct(teacher["best_val_acc"]) and row["test acc (%)"] == pct(teacher["test_acc"])
+    assert row["epochs"] == "2" and row["runs"] == "teacher/version_0"
+    assert row["wall time (s)"] == f"{teacher['wall_time_s']:.1f}"
+    assert row["images/s"] == f"{teacher['train_images_per_s']:.0f}"
+
+    (kd,) = results_of(runs_root, "kd")
+    row = rows["BaselineKD", "mlp_800_800"]
+    assert row["teacher"] == "mlp_1200_1200" and row["n"] == "1"
+    assert row["test acc (%)"] == pct(kd["test_acc"])
+    assert row["agreement (%)"] == pct(kd["test"]["test/agreement"])
+
+    # two seeds of one config: one row, mean ± sample std, computed here independently
+    scratch = results_of(runs_root, "scratch")
+    assert [r["seed"] for r in scratch] == [0, 1]
+    assert scratch[0]["test_acc"] != scratch[1]["test_acc"]  # the seeds really differ
+    row = rows["Supervised", "mlp_800_800"]
+    assert (row["n"], row["seeds"]) == ("2", "0, 1")
+    for column, key in (("test acc (%)", "test_acc"), ("val acc (%)", "best_val_acc")):
+        values = [100 * r[key] for r in scratch]
+        assert row[column] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    assert row["runs"] == "scratch/version_0, scratch/version_1"
+
+    for name in ("val_acc.png", "val_agreement.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in markdown
+
+
+def test_load_runs_run_dir_latest_link_and_dedup(runs_root):
+    kd_dir = runs_root / "mnist5k" / "kd" / "version_0"
+    runs = report.load_runs([kd_dir, runs_root / "mnist5k" / "kd", runs_root / "mnist5k" / "kd" / "latest"])
+    assert len(runs) == 1 and runs[0]["dir"] == str(kd_dir) and runs[0]["method"] == "BaselineKD"
+    assert len(report.load_runs(runs_root)) == 4
+
+
+def test_curves_follow_metrics_csv(runs_root, tmp_path):
+    (kd,) = report.load_runs(runs_root / "mnist5k" / "kd")
+    curve = report.read_metric(kd, "val/acc")
+    assert [epoch for epoch, _ in curve] == [1, 2]
+    assert max(value for _, value in curve) == pytest.approx(kd["best_val_acc"])
+    teacher = report.load_runs(runs_root / "mnist5k" / "teacher")
+    assert report.plot_curves(teacher, tmp_path / "agreement.png", "val/agreement") is None  # no teacher
+    assert not (tmp_path / "agreement.png").exists()
+
+
+def test_per_class_accuracy_matches_test_acc(runs_root, tmp_path):
+    runs = report.load_runs(runs_root / "mnist5k")
+    named = {run["method"] + " " + run["student"] + f" {run['seed']}": run for run in runs}
+    datamodule = DistillDataModule(dataset="mnist5k", batch_size=250)
+    accuracies = report.per_class_accuracy(named, datamodule)
+    labels = torch.cat([batch[1] for batch in datamodule.test_dataloader()])
+    counts = torch.bincount(labels, minlength=10).tolist()
+    for label, run in named.items():
+        per_class = accuracies[label]
+        assert per_class.shape == (10,) and ((0 <= per_class) & (per_class <= 1)).all()
+        # model.safetensors is the best-validation network: its class-weighted mean is test_acc
+        weighted = sum(a * n for a, n in zip(per_class, counts)) / sum(counts)
+        assert weighted == pytest.approx(run["test_acc"], abs=1e-6)
+    table = report.per_class_table(accuracies, datamodule.class_names)
+    assert len(table.splitlines()) == 2 + 10
+    png = report.plot_per_class(accuracies, tmp_path / "per_class.png", datamodule.class_names)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_grouping_ignores_only_seed_and_bookkeeping():
+    base = {"method": "BaselineKD", "student": "s", "teacher": {"model": "t"}, "seed": 0,
+            "config": {"seed_everything": 0, "trainer": {"max_epochs": 2, "default_root_dir": "a"},
+                       "model": {"init_args": {"temperature": 4.0}}}}
+    other_seed = json.loads(json.dumps(base))
+    other_seed["seed"] = other_seed["config"]["seed_everything"] = 1
+    other_seed["config"]["trainer"]["default_root_dir"] = "b"
+    other_temperature = json.loads(json.dumps(base))
+    other_temperature["config"]["model"]["init_args"]["temperature"] = 8.0
+    groups = report.group_runs([base, other_seed, other_temperature])
+    assert [len(g) for g in groups] == [2, 1]
+    assert report.format_stat([0.5]) == "0.50" and report.format_stat([None]) == "–"
+    assert report.format_stat([0.1, 0.3], 100) == f"20.00 ± {statistics.stdev([10.0, 30.0]):.2f}"
+
+
+def test_errors_are_one_line(tmp_path):
+    (tmp_path / "empty" / "version_0").mkdir(parents=True)
+    with pytest.raises(DistillError, match="no finished run in .*empty"):
+        report.main([str(tmp_path / "empty")])
+    with pytest.raises(DistillError, match="does not exist"):
+        report.load_runs(tmp_path / "missing")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{not json")
+    with pytest.raises(DistillError, match="cannot read"):
+        report.load_runs(tmp_path / "broken")
+
+
+def test_console_script_error(tmp_path, monkeypatch, capsys):
+    """`distill report EMPTY` through the console script's entry point (in-process: no 10 s of imports)."""
+    from distill.cli import entry_point
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["distill", "report", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit) as exit_info:
+        entry_point()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("distill: error: no finished run in")
