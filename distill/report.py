@@ -138,15 +138,22 @@ def read_metric(run: Mapping[str, Any] | str | Path, metric: str) -> list[tuple[
     ``epoch`` column. Where an epoch has several values (a metric logged per step, or validation
     more than once per epoch) the last one is kept: the state at the end of that epoch. A run
     without ``metrics.csv`` (another logger) or without the metric gives ``[]``.
+
+    Staged methods (TeacherAssistantKD) log each stage under its own prefix (``ta1/val/acc``,
+    ``student/val/acc``); for such a run the curve follows the whole path, each epoch taking the
+    value of the stage that trained then.
     """
     run_dir = Path(run["dir"] if isinstance(run, Mapping) else run)
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
+    stages = (run.get("stages") or []) if isinstance(run, Mapping) else []
+    columns = [metric] + [f"{stage['stage']}/{metric}" for stage in stages if stage.get("stage")]
     by_epoch: dict[int, float] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            value, epoch = row.get(metric), row.get("epoch")
+            value = next((row[c] for c in columns if row.get(c) not in (None, "")), None)
+            epoch = row.get("epoch")
             if value in (None, "") or epoch in (None, ""):
                 continue
             by_epoch[int(float(epoch)) + 1] = float(value)
@@ -362,7 +369,7 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], out_png: str | Path, metric: 
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     # below the axes rather than on them: with several runs an inner legend hides the curves
-    figure.legend(loc="outside lower center", ncols=2, fontsize="small", frameon=False)
+    figure.legend(loc="outside lower center", ncols=1 if len(curves) <= 3 else 2, fontsize="small", frameon=False)
     return _save(figure, out_png)
 
 

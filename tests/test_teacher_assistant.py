@@ -157,3 +157,16 @@ def test_two_stage_path_under_ddp(tmp_path):
     results = json.loads(Path("runs/mnist5k/takd/version_0/results.json").read_text())
     assert [s["stage"] for s in results["stages"]] == ["ta1", "student"]
     assert all(0 < s["test_acc"] <= 1 for s in results["stages"])
+
+
+def test_report_follows_the_whole_path(tmp_path, mlp_teacher):
+    from distill.report import load_runs, read_metric, summary_table
+
+    model = path_module(mlp_teacher, stage_epochs=(2, 1))
+    trainer = tiny_trainer(tmp_path, max_epochs=3)
+    dm = fake_datamodule(**FAKE)
+    trainer.fit(model, datamodule=dm)
+    finish_fit(trainer, model, dm)
+    run = load_runs(tmp_path / "run")[0]
+    assert [epoch for epoch, _ in read_metric(run, "val/acc")] == [1, 2, 3]  # ta1 for 2 epochs, then student
+    assert "TeacherAssistantKD" in summary_table([run])
