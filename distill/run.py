@@ -79,11 +79,12 @@ def finish_fit(
     Model selection uses the validation split only; the test split is evaluated once, here. Returns
     the results dict (on every process; only global rank 0 writes files).
     """
-    started = started if started is not None else time.time()
+    throughput = throughput_callback(trainer)
+    if started is None:  # the fit's own start when the module's throughput callback saw it
+        started = throughput.fit_started if throughput and throughput.fit_started else time.time()
     checkpoint = best_checkpoint_callback(trainer)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     fit_epochs = trainer.current_epoch
-    throughput = throughput_callback(trainer)
     stages = []
     for name in model.evaluation_stages():  # staged methods: every stage's network, the last one final
         record = dict(model.select_stage(name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -75,8 +76,11 @@ def test_finish_fit_writes_results_and_exports_a_teacher(tmp_path, teacher_file)
     model = kd_module(teacher_file)
     trainer = tiny_trainer(tmp_path)
     dm = fake_datamodule()
+    fit_started = time.time()
     trainer.fit(model, datamodule=dm)
+    fit_seconds = time.time() - fit_started
     results = finish_fit(trainer, model, dm, seed=0)
+    assert results["wall_time_s"] >= 0.9 * fit_seconds  # covers the fit, not only the final test
     run_dir = tmp_path / "run" / "version_0"
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk["run_dir"] == str(run_dir)

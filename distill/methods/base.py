@@ -288,6 +288,10 @@ class TrainingThroughput(Callback):
         self.images = 0
         self.seconds = 0.0
         self._started: float | None = None
+        self.fit_started: float | None = None  # wall clock at fit start, for results' wall_time_s
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_started = time.time()
 
     def _resume(self) -> None:
         self._started = time.perf_counter()
