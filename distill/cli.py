@@ -38,7 +38,9 @@ class DistillCLI(LightningCLI):
             # a run never overwrites an earlier run's config: every run has a fresh version directory
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,  # each method takes `optimizer`/`lr_scheduler` itself
-            parser_kwargs={"prog": "distill"},
+            parser_kwargs={"prog": "distill", "description": "Knowledge distillation with Lightning: "
+                           "fit/validate/test/predict a method from a YAML config. Other commands: "
+                           "distill report | sweep | choose-assistant (each with --help)."},
             args=args,
             run=run,
         )
