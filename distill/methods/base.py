@@ -187,8 +187,12 @@ class DistillModule(L.LightningModule):
         logits, losses = self.training_losses(images, labels)
         batch_size = images.shape[0]
         for name, value in losses.items():
-            self.log(f"{self.log_prefix}train/{name}", value.detach(), on_step=True, on_epoch=True,
-                     prog_bar=name == "loss", batch_size=batch_size, sync_dist=True)
+            key, value = f"{self.log_prefix}train/{name}", value.detach()
+            # Step values are this process's own (no collective in the hot path); epoch means are
+            # reduced over processes once, at the end of the epoch. Same names as on_step+on_epoch.
+            self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=name == "loss",
+                     batch_size=batch_size)
+            self.log(f"{key}_epoch", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
         self.train_acc(logits.detach(), labels)
         self.log(f"{self.log_prefix}train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
         return losses["loss"]
