@@ -12,11 +12,12 @@ after ``fit`` tests the best-validation checkpoint; and reports user errors in o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -105,17 +106,25 @@ def _user_error(err: BaseException | None) -> DistillError | None:
     return None
 
 
-def main(args: list[str] | None = None) -> DistillCLI | None:
-    """Entry point of the ``distill`` console script (``args`` for calls from Python and tests)."""
-    owns_run_dir = RUN_DIR_ENV not in os.environ
+@contextlib.contextmanager
+def _user_errors_as_exit() -> Iterator[None]:
+    """A user error becomes one line on stderr and exit status 2; anything else stays a traceback."""
     try:
-        return DistillCLI(args=args)
+        yield
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
             raise
         print(f"distill: error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(args: list[str] | None = None) -> DistillCLI | None:
+    """Entry point of the ``distill`` console script (``args`` for calls from Python and tests)."""
+    owns_run_dir = RUN_DIR_ENV not in os.environ
+    try:
+        with _user_errors_as_exit():
+            return DistillCLI(args=args)
     finally:
         if owns_run_dir:
             os.environ.pop(RUN_DIR_ENV, None)
@@ -132,11 +141,8 @@ def entry_point() -> None:
         import importlib
 
         tool = importlib.import_module(TOOLS[argv[0]])
-        try:
+        with _user_errors_as_exit():
             tool.main(argv[1:])
-        except DistillError as err:
-            print(f"distill: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
         return
     main()
 

@@ -23,9 +23,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import CheckpointError, ConfigError
 from distill.losses import soft_target_kl, top1_agreement
-from distill.models import create_model
 from distill.scaling import scale_learning_rates
-from distill.teachers import NETWORK_PREFIX, LoadedNetwork, NetworkSpec, load_network
+from distill.teachers import LoadedNetwork, NetworkSpec, load_network
 
 # Lightning's callable types, which LightningCLI knows how to build from `class_path` + `init_args`.
 OptimizerFactory = OptimizerCallable
@@ -262,11 +261,15 @@ class DistillModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         callbacks: list[Callback] = [TrainingThroughput()]
-        # Model selection on validation accuracy, unless the user configured their own monitor.
+        # The method's checkpointing, unless the user configured a monitored checkpoint of their own.
         if not any(c.monitor for c in self.trainer.checkpoint_callbacks):
-            callbacks.append(ModelCheckpoint(monitor="val/acc", mode="max", save_last=True,
-                                             filename="best-epoch{epoch:03d}", auto_insert_metric_name=False))
+            callbacks.append(self.checkpoint_callback())
         return callbacks
+
+    def checkpoint_callback(self) -> ModelCheckpoint:
+        """Model selection on validation accuracy, plus ``last.ckpt`` for resuming."""
+        return ModelCheckpoint(monitor="val/acc", mode="max", save_last=True,
+                               filename="best-epoch{epoch:03d}", auto_insert_metric_name=False)
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluation_stages(self) -> list[str]:
@@ -280,6 +283,11 @@ class DistillModule(L.LightningModule):
     def student_network(self) -> nn.Module:
         """The trained network as a plain module, for export and for use as a teacher."""
         return self.student
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
 class TrainingThroughput(Callback):
@@ -334,4 +342,4 @@ class TrainingThroughput(Callback):
         self.seconds = state_dict["seconds"]
 
 
-__all__ = ["DistillModule", "TrainingThroughput", "NETWORK_PREFIX"]
+__all__ = ["DistillModule", "TrainingThroughput", "check_label_smoothing"]

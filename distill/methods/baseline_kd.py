@@ -8,7 +8,7 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.losses import hinton_kd_objective
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
+from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory, check_label_smoothing
 
 
 class BaselineKD(DistillModule):
@@ -61,8 +61,7 @@ class BaselineKD(DistillModule):
         lr_scheduler_interval: str = "epoch",
     ) -> None:
         validate_kd_hparams(temperature, alpha)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_label_smoothing(label_smoothing)
         super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
                          optimizer, lr_scheduler, lr_scheduler_interval)
         self.attach_teacher(teacher, teacher_model, teacher_kwargs, teacher_pretrained)

@@ -7,8 +7,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.errors import ConfigError
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
+from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory, check_label_smoothing
 
 
 class Supervised(DistillModule):
@@ -33,8 +32,7 @@ class Supervised(DistillModule):
         lr_scheduler: SchedulerFactory | None = None,
         lr_scheduler_interval: str = "epoch",
     ) -> None:
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        check_label_smoothing(label_smoothing)
         super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
                          optimizer, lr_scheduler, lr_scheduler_interval)
 

@@ -6,13 +6,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.losses import hinton_kd_objective
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory, TrainingThroughput
+from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
 from distill.methods.baseline_kd import validate_kd_hparams
 from distill.teachers import NetworkSpec, load_network, save_network
 
@@ -102,6 +102,7 @@ class TeacherAssistantKD(DistillModule):
             if checkpoint is not None:
                 loaded = load_network(checkpoint, spec.model, num_classes, in_channels, image_size, spec.model_kwargs)
                 network.load_state_dict(loaded.network.state_dict())
+        self.stage_temperature, self.stage_alpha = per_stage["stage_temperature"], per_stage["stage_alpha"]
         self.stage_names = [f"ta{i + 1}" for i in range(len(assistants))] + ["student"]
         self.stage_specs = self.assistant_specs + [self.student_spec]
         self.stage_ends = [sum(stage_epochs[: i + 1]) for i in range(stages)]
@@ -157,12 +158,8 @@ class TeacherAssistantKD(DistillModule):
     # ------------------------------------------------------------------------------ training
     def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.active_network()(images)
-        losses = hinton_kd_objective(
-            logits, self.teacher_logits(images), labels,
-            temperature=self.hparams.stage_temperature[self.stage] if self.hparams.stage_temperature
-            else self.hparams.temperature,
-            alpha=self.hparams.stage_alpha[self.stage] if self.hparams.stage_alpha else self.hparams.alpha,
-        )
+        losses = hinton_kd_objective(logits, self.teacher_logits(images), labels,
+                                     temperature=self.stage_temperature[self.stage], alpha=self.stage_alpha[self.stage])
         return logits, losses
 
     def on_fit_start(self) -> None:
@@ -238,12 +235,9 @@ class TeacherAssistantKD(DistillModule):
         self._best_score, self._best_state = saved["best_score"], saved["best_state"]
         self.stage_records = saved["records"]
 
-    def configure_callbacks(self) -> list[Callback]:
+    def checkpoint_callback(self) -> ModelCheckpoint:
         # Model selection happens per stage inside the module; Lightning keeps the last checkpoint only.
-        callbacks: list[Callback] = [TrainingThroughput()]
-        if not self.trainer.checkpoint_callbacks or all(c.monitor is None for c in self.trainer.checkpoint_callbacks):
-            callbacks.append(ModelCheckpoint(monitor=None, save_last=True, save_top_k=0))
-        return callbacks
+        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=0)
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluation_stages(self) -> list[str]:
