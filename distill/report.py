@@ -13,6 +13,7 @@ Python API (what ``main`` and the notebooks use):
 
 * :func:`load_runs` — run dicts from run directories or from folders searched for ``results.json``;
 * :func:`summary_table` — the Markdown table, repeats of one config over seeds folded into mean ± std;
+* :func:`stage_table` — one row per stage of staged runs (TeacherAssistantKD's path);
 * :func:`plot_curves` — a logged metric against epoch, one line per run, as a PNG;
 * :func:`per_class_accuracy`, :func:`per_class_table`, :func:`plot_per_class` — test accuracy per class
   of each run's exported network.
@@ -262,6 +263,14 @@ def _run_names(runs: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     return names
 
 
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table; the first three columns and the last (run names) left-aligned, numbers right."""
+    align = ["---" if i < 3 or i == len(columns) - 1 else "---:" for i in range(len(columns))]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 TABLE_COLUMNS = ("method", "teacher", "student", "n", "seeds", "val acc (%)", "test acc (%)",
                  "agreement (%)", "epochs", "wall time (s)", "images/s", "runs")
 
@@ -277,9 +286,7 @@ def summary_table(runs: Sequence[Mapping[str, Any]]) -> str:
     :func:`config_key`.
     """
     names = _run_names(runs)
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" if i < 3 or i == len(TABLE_COLUMNS) - 1 else "---:"
-                            for i in range(len(TABLE_COLUMNS))) + "|"]
+    rows = []
     for group in group_runs(runs):
         first = group[0]
         seeds = [run.get("seed") for run in group]
@@ -298,8 +305,49 @@ def summary_table(runs: Sequence[Mapping[str, Any]]) -> str:
             format_stat([run.get("train_images_per_s") for run in group], digits=0),
             ", ".join(names[id(run)] for run in group),
         ]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(TABLE_COLUMNS, rows)
+
+
+STAGE_COLUMNS = ("method", "stage", "network", "n", "epochs", "val acc (%)", "test acc (%)", "agreement (%)", "runs")
+
+
+def _stage_agreement(stage: Mapping[str, Any]) -> float | None:
+    test = stage.get("test") or {}
+    value = test.get(f"{stage.get('stage')}/test/agreement")
+    return None if value is None else float(value)
+
+
+def stage_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """One row per stage of each staged experiment (TeacherAssistantKD's path, for instance).
+
+    A staged run's ``results.json`` lists its ``stages`` in order, the last one being the network the
+    run delivers (that is the row of :func:`summary_table`). Here every stage gets its own row: the
+    network it trained, its epochs, its best validation accuracy, the test accuracy and agreement
+    with the network that taught it. Seed repeats are folded into ``mean ± std`` as in the summary.
+    Returns ``""`` when no run has stages.
+    """
+    names = _run_names(runs)
+    rows = []
+    for group in group_runs(runs):
+        staged = [run for run in group if run.get("stages")]
+        if not staged:
+            continue
+        for position, first_stage in enumerate(staged[0]["stages"]):
+            stages = [run["stages"][position] for run in staged if len(run["stages"]) > position]
+            cells = [
+                str(staged[0].get("method") or DASH),
+                str(first_stage.get("stage") or position),
+                str(first_stage.get("model") or DASH),
+                str(len(stages)),
+                str(first_stage.get("epochs") if first_stage.get("epochs") is not None else DASH),
+                format_stat([stage.get("best_val_acc") for stage in stages], 100),
+                format_stat([stage.get("test_acc") for stage in stages], 100),
+                format_stat([_stage_agreement(stage) for stage in stages], 100),
+                ", ".join(names[id(run)] for run in staged),
+            ]
+            rows.append(cells)
+    return markdown_table(STAGE_COLUMNS, rows) if rows else ""
 
 
 def _all_equal(group: Sequence[Mapping[str, Any]], key: str) -> bool:
@@ -485,6 +533,10 @@ def write_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path,
                 "the seed show mean ± sample standard deviation over their n runs. Test accuracy is that of "
                 "the best-validation checkpoint; agreement is the teacher–student top-1 agreement on the "
                 "test split (last validation value for runs that did not record it).", "", table, ""]
+    stages = stage_table(runs)
+    if stages:
+        sections += ["## Stages", "", "Staged methods, one row per stage (the last stage is the run's row above); "
+                     "agreement is with the network that taught that stage.", "", stages, ""]
     for metric in metrics:
         png = plot_curves(runs, out / _metric_file(metric), metric)
         if png is not None:

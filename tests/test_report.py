@@ -177,3 +177,30 @@ def test_console_script_error(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("distill: error: no finished run in")
+
+
+def test_stage_table_one_row_per_stage_with_seed_statistics(tmp_path):
+    def staged_run(seed: int, ta_acc: float, student_acc: float) -> dict:
+        stages = [
+            {"stage": "ta1", "model": "mlp_300_300", "epochs": 2, "best_val_acc": ta_acc + 0.01,
+             "test_acc": ta_acc, "test": {"ta1/test/acc": ta_acc, "ta1/test/agreement": 0.9}},
+            {"stage": "student", "model": "mlp_30_30", "epochs": 3, "best_val_acc": student_acc + 0.01,
+             "test_acc": student_acc, "test": {"student/test/acc": student_acc, "student/test/agreement": 0.8}},
+        ]
+        return {"method": "TeacherAssistantKD", "student": "mlp_30_30", "teacher": {"model": "mlp_1200_1200"},
+                "seed": seed, "test_acc": student_acc, "best_val_acc": student_acc + 0.01, "stages": stages,
+                "dir": str(tmp_path / f"takd/version_{seed}"),
+                "config": {"seed_everything": seed, "model": {"init_args": {"assistants": ["mlp_300_300"]}}}}
+
+    plain = {"method": "Supervised", "student": "mlp_30_30", "seed": 0, "dir": str(tmp_path / "scratch/version_0"),
+             "config": {"seed_everything": 0}}
+    runs = [staged_run(0, 0.90, 0.80), staged_run(1, 0.94, 0.84), plain]
+    rows = table_rows(report.stage_table(runs))
+    assert [(r["stage"], r["network"], r["n"], r["epochs"]) for r in rows] == [
+        ("ta1", "mlp_300_300", "2", "2"), ("student", "mlp_30_30", "2", "3")]
+    assert rows[0]["test acc (%)"] == f"92.00 ± {statistics.stdev([90.0, 94.0]):.2f}"
+    assert rows[1]["val acc (%)"] == f"83.00 ± {statistics.stdev([81.0, 85.0]):.2f}"
+    assert rows[1]["agreement (%)"] == "80.00 ± 0.00"
+    assert report.stage_table([plain]) == ""
+    markdown = report.write_report(runs, tmp_path / "out", metrics=())[0].read_text()
+    assert "## Stages" in markdown and "| TeacherAssistantKD | ta1 | mlp_300_300 |" in markdown
