@@ -162,6 +162,18 @@ def test_train_subset_is_stratified_and_drawn_from_train():
         mnist(train_subset=4000).setup()
 
 
+def test_exclude_classes_drops_them_from_training_only():
+    full, without_three = mnist(split_seed=3), mnist(split_seed=3, exclude_classes=[3])
+    train, labels = without_three.source_indices("train"), without_three._split("train").labels
+    assert 3 not in set(labels.tolist()) and len(train) == len(full.source_indices("train")) - 350
+    assert set(train) <= set(full.source_indices("train"))
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(without_three.source_indices(split), full.source_indices(split))
+    assert 3 in set(without_three._split("test").labels.tolist())
+    images, batch_labels, _ = next(iter(without_three.train_dataloader()))
+    assert 3 not in set(batch_labels.tolist())
+
+
 def test_allocation_is_exact_and_proportional():
     assert allocate(np.array([400] * 10), 500).tolist() == [50] * 10
     assert allocate(np.array([5, 3, 2]), 5).tolist() == [3, 1, 1]
@@ -462,6 +474,8 @@ def test_unknown_names_suggest_the_close_one(kwargs, expected):
     ({"dataset": "fake", "val_fraction": 0.1}, "own validation split"),
     ({"dataset": "fake", "fake_sizes": [10, 10]}, "fake_sizes"),
     ({"dataset": "fake", "num_classes": 1}, "num_classes"),
+    ({"exclude_classes": [10]}, "exclude_classes"),
+    ({"exclude_classes": list(range(10))}, "at least one class"),
 ])
 def test_bad_values_are_config_errors(kwargs, expected):
     with pytest.raises(ConfigError, match=expected) as caught:

@@ -65,6 +65,11 @@ class DistillDataModule(L.LightningDataModule):
         num_classes: Number of classes of the fake data set (other data sets have their own).
         in_channels: Number of image channels of the fake data set (others have their own).
         fake_sizes: Train, validation and test sizes of the fake data set.
+        exclude_classes: Class indices left out of the training split only (the *transfer set*):
+            validation and test keep them. Hinton et al. (2015) §3 distil an MNIST student on a
+            transfer set without any 3; the student knows 3s only from the teacher's soft targets.
+            Applied after the validation split and train_subset are drawn, so those stay the same
+            as in runs without it.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class DistillDataModule(L.LightningDataModule):
         num_classes: int = 10,
         in_channels: int = 3,
         fake_sizes: list[int] = [256, 64, 64],  # noqa: B006 (shown as the CLI default; never mutated)
+        exclude_classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -124,6 +130,14 @@ class DistillDataModule(L.LightningDataModule):
             _check_fixed("num_classes", num_classes, 10, self._source.num_classes, dataset)
             _check_fixed("in_channels", in_channels, 3, self._source.in_channels, dataset)
 
+        self.exclude_classes = sorted(set(exclude_classes or []))
+        bad = [c for c in self.exclude_classes if isinstance(c, bool) or not isinstance(c, int)
+               or not 0 <= c < self.num_classes]
+        if bad or len(self.exclude_classes) >= self.num_classes:
+            raise ConfigError(
+                f"exclude_classes={list(exclude_classes or [])} must list class indices in [0, {self.num_classes}) "
+                "and leave at least one class to train on."
+            )
         self.val_fraction = self._resolve_val_fraction(val_fraction)
         self.augment = self._source.default_preset if augment == "default" else augment
         self._image_size = image_size or self._source.native_size
@@ -190,6 +204,8 @@ class DistillDataModule(L.LightningDataModule):
             train, val = self._carve_val(train)
         if self.train_subset is not None:
             train = self._subset(train)
+        if self.exclude_classes:
+            train = train.take(np.flatnonzero(~np.isin(train.labels, self.exclude_classes)))
         geometry = self._source.geometry(self._image_size)
         evaluation = eval_transform(geometry)
         self._splits = {
