@@ -1,0 +1,285 @@
+"""``distill repro EXPERIMENT.yaml``: run one reproduction experiment and write ``results/<name>.md``.
+
+    distill repro experiments/hinton_mnist.yaml                  # every run, then the results page
+    distill repro experiments/hinton_mnist.yaml --only teacher   # some runs only
+    distill repro experiments/hinton_mnist.yaml --report-only    # the page from the runs there are
+
+An experiment file lists *runs* (a config from ``configs/``, the seeds, and overrides of single
+values) and *analyses* that turn finished runs into tables and plots. The driver runs each
+(config, seed) with ``distill fit`` under ``<runs-root>/<experiment>/<run name>/version_N``, skips
+pairs that already finished (so an interrupted experiment continues where it stopped), and writes
+the page through the report code: the summary table (mean ± std over seeds, model selection on
+validation, test accuracy of the best-validation checkpoint measured once), per-stage rows,
+learning curves, the analyses, the total wall time and the machine.
+
+Experiment file::
+
+    name: hinton_mnist
+    title: Hinton et al. 2015, MNIST
+    setup: data, subset, epochs ...            # free text, printed on the page
+    paper: what the paper reports ...          # free text, printed on the page
+    runs:
+      - name: teacher
+        config: configs/mnist5k/teacher.yaml
+        seeds: [0]
+      - name: kd_t20
+        config: configs/mnist5k/kd.yaml
+        seeds: [0, 1, 2]
+        set: {model.init_args.temperature: 20, model.init_args.teacher: "{model:teacher}"}
+    analyses:
+      - {kind: sweep, title: ..., x_label: temperature, runs: [kd_t1, kd_t4], x: [1, 4]}
+      - {kind: class_bias, runs: [kd_no3], class_index: 3}
+
+``{model:NAME}`` in a value is the exported network (``model.safetensors``) of the lowest-seed
+finished run ``NAME``, which must come earlier in the list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import ConfigError
+from distill.report import (
+    format_stat,
+    load_runs,
+    markdown_table,
+    plot_curves,
+    stage_table,
+    summary_table,
+)
+from distill.run import RESULTS_FILE
+
+REFERENCE = re.compile(r"\{model:([A-Za-z0-9_.-]+)\}")
+RUN_KEYS = {"name", "config", "seeds", "set"}
+ANALYSIS_KINDS = ("sweep", "class_bias")
+
+
+# --------------------------------------------------------------------------------------- the spec
+def load_spec(path: str | Path) -> dict[str, Any]:
+    """Reads and checks an experiment file; every mistake is one :class:`ConfigError` before any run."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist; see experiments/ for the experiments there are.")
+    spec = yaml.safe_load(path.read_text()) or {}
+    for key in ("name", "title", "runs"):
+        if key not in spec:
+            raise ConfigError(f"{path}: the experiment needs `{key}`.")
+    names: list[str] = []
+    for entry in spec["runs"]:
+        unknown = set(entry) - RUN_KEYS
+        if unknown or "name" not in entry or "config" not in entry:
+            raise ConfigError(f"{path}: run {entry.get('name', entry)} needs `name` and `config` and may have "
+                              f"`seeds` and `set` only (unknown: {', '.join(sorted(unknown)) or 'none'}).")
+        if entry["name"] in names:
+            raise ConfigError(f"{path}: two runs are named {entry['name']!r}; names must be unique.")
+        if not Path(entry["config"]).is_file():
+            raise ConfigError(f"{path}: run {entry['name']!r} names config {entry['config']}, which does not exist "
+                              "(run from the repository root).")
+        for value in (entry.get("set") or {}).values():
+            for reference in REFERENCE.findall(str(value)):
+                if reference not in names:
+                    raise ConfigError(f"{path}: run {entry['name']!r} uses {{model:{reference}}}, but no earlier run "
+                                      f"is named {reference!r}.")
+        entry.setdefault("seeds", [0])
+        names.append(entry["name"])
+    for analysis in spec.get("analyses") or []:
+        if analysis.get("kind") not in ANALYSIS_KINDS:
+            raise ConfigError(f"{path}: analysis kind {analysis.get('kind')!r} is not one of {', '.join(ANALYSIS_KINDS)}.")
+        missing = [name for name in analysis.get("runs", []) if name not in names]
+        if missing:
+            raise ConfigError(f"{path}: analysis {analysis.get('title', analysis['kind'])!r} names unknown runs "
+                              f"{', '.join(missing)}.")
+        if analysis["kind"] == "sweep" and len(analysis.get("x", [])) != len(analysis.get("runs", [])):
+            raise ConfigError(f"{path}: sweep {analysis.get('title')!r} needs one `x` value per run.")
+    return spec
+
+
+# --------------------------------------------------------------------------------------- running
+def finished_runs(runs_root: Path, experiment: str, name: str) -> dict[int, dict[str, Any]]:
+    """Finished runs of one entry, by seed (the newest version where a seed ran twice)."""
+    found: dict[int, dict[str, Any]] = {}
+    folder = runs_root / experiment / name
+    if not folder.is_dir():
+        return found
+    for run in load_runs(folder) if any(folder.glob(f"version_*/{RESULTS_FILE}")) else []:
+        found[run.get("seed")] = run
+    return found
+
+
+def _override(key: str, value: Any, models: Mapping[str, str]) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    text = REFERENCE.sub(lambda match: models[match.group(1)], text)
+    return f"--{key}={text}"
+
+
+def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] | None = None) -> None:
+    """Runs every (config, seed) of the experiment that has not finished yet, in file order."""
+    from distill.cli import main as distill_main
+
+    models: dict[str, str] = {}
+    for entry in spec["runs"]:
+        done = finished_runs(runs_root, spec["name"], entry["name"])
+        if only is None or entry["name"] in only:
+            for seed in entry["seeds"]:
+                if seed in done:
+                    continue
+                args = ["fit", "--config", entry["config"], f"--seed_everything={seed}",
+                        f"--run_name={spec['name']}/{entry['name']}", f"--trainer.default_root_dir={runs_root}",
+                        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+                args += [_override(key, value, models) for key, value in (entry.get("set") or {}).items()]
+                print(f"[repro] {entry['name']} seed {seed}: distill {' '.join(args)}", flush=True)
+                argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees other arguments too
+                try:
+                    distill_main(args)
+                finally:
+                    sys.argv = argv
+            done = finished_runs(runs_root, spec["name"], entry["name"])
+        if done:
+            models[entry["name"]] = done[min(done)]["model_file"]
+
+
+# --------------------------------------------------------------------------------------- analyses
+def _sweep(analysis: Mapping[str, Any], runs: Mapping[str, list[dict]], out: Path) -> list[str]:
+    """Test accuracy (mean ± std over seeds) against a swept value, as a table and an error-bar plot."""
+    metric = analysis.get("metric", "test_acc")
+    rows, points = [], []
+    for name, x in zip(analysis["runs"], analysis["x"]):
+        values = [run.get(metric) for run in runs[name]]
+        rows.append([str(x), name, str(len(values)), format_stat(values, 100), format_stat(
+            [run.get("best_val_acc") for run in runs[name]], 100)])
+        known = [v for v in values if v is not None]
+        if known:
+            mean = sum(known) / len(known)
+            spread = (sum((v - mean) ** 2 for v in known) / (len(known) - 1)) ** 0.5 if len(known) > 1 else 0.0
+            points.append((float(x), mean * 100, spread * 100))
+    lines = [f"### {analysis.get('title', 'sweep')}", ""]
+    lines.append(markdown_table([analysis.get("x_label", "x"), "run", "n", f"{metric} (%)", "val acc (%)"], rows))
+    if points:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(6, 3.8), layout="constrained")
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        xs, ys, errors = zip(*points)
+        axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=4, label=f"{metric}, mean ± std over seeds")
+        if analysis.get("log_x"):
+            axes.set_xscale("log")
+        axes.set_xlabel(analysis.get("x_label", "x"))
+        axes.set_ylabel(f"{metric} (%)")
+        axes.set_title(analysis.get("title", "sweep"))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+        png = out / (re.sub(r"[^A-Za-z0-9]+", "_", analysis.get("title", "sweep")).strip("_").lower() + ".png")
+        figure.savefig(png, dpi=110)
+        lines += ["", f"![{analysis.get('title', 'sweep')}]({out.name}/{png.name})"]
+    return lines + [""]
+
+
+def _class_bias(analysis: Mapping[str, Any], runs: Mapping[str, list[dict]], out: Path) -> list[str]:
+    """Hinton §3: a student that never saw class c in its transfer set, with and without a bias on c."""
+    from distill.class_bias import bias_correction
+
+    class_index = int(analysis.get("class_index", 3))
+    grid = analysis.get("grid", [0.25 * i for i in range(41)])
+    lines = [f"### {analysis.get('title', f'class {class_index} bias correction')}", ""]
+    rows = []
+    for name in analysis["runs"]:
+        for run in runs[name]:
+            result = bias_correction(run, class_index, grid)
+            rows.append([name, str(run.get("seed")), f"{result['bias']:+.2f}",
+                         f"{result['test_errors_before']} ({result['test_class_errors_before']} on {class_index}s)",
+                         f"{result['test_errors_after']} ({result['test_class_errors_after']} on {class_index}s)",
+                         f"{result['test_size']} ({result['test_class_size']})"])
+    lines.append(markdown_table(["run", "seed", "bias (chosen on val)", "test errors, no correction",
+                                 "test errors, corrected", "test images (of the class)"], rows))
+    return lines + [""]
+
+
+ANALYSES = {"sweep": _sweep, "class_bias": _class_bias}
+
+
+# --------------------------------------------------------------------------------------- the page
+def _machine() -> str:
+    import torch
+
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def write_page(spec: Mapping[str, Any], runs_root: Path, results_dir: Path, command: str) -> Path:
+    """``results/<name>.md`` (and its plots under ``results/<name>/``) from the finished runs."""
+    runs = {entry["name"]: [done for _, done in sorted(finished_runs(runs_root, spec["name"], entry["name"]).items())]
+            for entry in spec["runs"]}
+    everything = [run for entry in spec["runs"] for run in runs[entry["name"]]]
+    if not everything:
+        raise ConfigError(f"no finished run of {spec['name']} under {runs_root}; run the experiment first.")
+    out = results_dir / spec["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    missing = [f"{entry['name']} seed {seed}" for entry in spec["runs"] for seed in entry["seeds"]
+               if seed not in {run.get("seed") for run in runs[entry["name"]]}]
+    wall = sum(run.get("wall_time_s") or 0.0 for run in everything)
+    lines = [f"# {spec['title']}", "", f"Produced by `{command}` from {len(everything)} runs under "
+             f"`{runs_root / spec['name']}`; total training wall time {wall / 60:.1f} min on {_machine()}.", ""]
+    if missing:
+        lines += [f"**Incomplete**: not yet run: {', '.join(missing)}.", ""]
+    if spec.get("setup"):
+        lines += ["## Setup", "", str(spec["setup"]).strip(), ""]
+    if spec.get("paper"):
+        lines += ["## What the paper reports", "", str(spec["paper"]).strip(), ""]
+    lines += ["## Runs", "", "Accuracies in percent, mean ± sample std over the n seeds; model selection on the "
+              "validation split, test accuracy of the best-validation checkpoint, measured once.", "",
+              summary_table(everything), ""]
+    stages = stage_table(everything)
+    if stages:
+        lines += ["### Stages", "", stages, ""]
+    if spec.get("analyses"):
+        lines += ["## Analyses", ""]
+        for analysis in spec["analyses"]:
+            lines += ANALYSES[analysis["kind"]](analysis, runs, out)
+    png = plot_curves(everything, out / "val_acc.png", "val/acc")
+    if png is not None:
+        lines += ["## Validation accuracy against epoch", "", f"![val/acc]({out.name}/{png.name})", ""]
+    page = results_dir / f"{spec['name']}.md"
+    page.write_text("\n".join(lines))
+    return page
+
+
+# --------------------------------------------------------------------------------------- command
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill repro", description="Run a reproduction experiment "
+                                     "(experiments/*.yaml) and write results/<name>.md.")
+    parser.add_argument("experiment", help="the experiment file, e.g. experiments/hinton_mnist.yaml")
+    parser.add_argument("--runs-root", default="runs/repro", help="where the runs go (default: %(default)s)")
+    parser.add_argument("--results", default="results", help="where the page goes (default: %(default)s)")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="run only these entries (the page covers all)")
+    parser.add_argument("--report-only", action="store_true", help="write the page from finished runs, run nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    spec = load_spec(args.experiment)
+    runs_root = Path(args.runs_root)
+    started = time.time()
+    if not args.report_only:
+        run_experiment(spec, runs_root, args.only)
+    page = write_page(spec, runs_root, Path(args.results), "distill repro " + " ".join(argv))
+    print(f"[repro] {spec['name']}: {page} ({(time.time() - started) / 60:.1f} min)")
+    return page
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""`distill repro`: an experiment file runs each (config, seed) once, resumes, and writes its page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill import repro
+from distill.class_bias import choose_bias, shifted_predictions
+from distill.errors import ConfigError
+
+CONFIG = """
+trainer: {max_epochs: 2, limit_train_batches: 2, limit_val_batches: 1, limit_test_batches: 1}
+data: {dataset: fake, num_classes: 4, in_channels: 3, image_size: 16, fake_sizes: [64, 32, 32], batch_size: 16}
+model:
+  class_path: distill.methods.%s
+  init_args: {student: %s}
+"""
+
+
+@pytest.fixture
+def experiment(tmp_path) -> Path:
+    Path("configs").mkdir()
+    Path("configs/teacher.yaml").write_text(CONFIG % ("Supervised", "resnet8"))
+    Path("configs/kd.yaml").write_text(CONFIG % ("BaselineKD", "mlp_30_30"))
+    spec = {
+        "name": "tiny", "title": "A tiny experiment", "setup": "fake data, 2 epochs", "paper": "nothing",
+        "runs": [
+            {"name": "teacher", "config": "configs/teacher.yaml", "seeds": [0]},
+            {"name": "kd_t1", "config": "configs/kd.yaml", "seeds": [0, 1],
+             "set": {"model.init_args.teacher": "{model:teacher}", "model.init_args.temperature": 1}},
+            {"name": "kd_t4_no0", "config": "configs/kd.yaml", "seeds": [0],
+             "set": {"model.init_args.teacher": "{model:teacher}", "model.init_args.temperature": 4,
+                     "data.exclude_classes": [0]}},
+        ],
+        "analyses": [
+            {"kind": "sweep", "title": "accuracy against temperature", "x_label": "τ",
+             "runs": ["kd_t1", "kd_t4_no0"], "x": [1, 4]},
+            {"kind": "class_bias", "runs": ["kd_t4_no0"], "class_index": 0, "grid": [0.0, 1.0, 2.0]},
+        ],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_experiment_runs_resumes_and_writes_its_page(experiment, capsys):
+    page = repro.main([str(experiment)])
+    text = page.read_text()
+    runs = repro.finished_runs(Path("runs/repro"), "tiny", "kd_t1")
+    assert sorted(runs) == [0, 1]
+    teacher = repro.finished_runs(Path("runs/repro"), "tiny", "teacher")[0]
+    assert all(run["teacher"]["path"] == teacher["model_file"] for run in runs.values())
+    assert runs[0]["config"]["model"]["init_args"]["temperature"] == 1
+    no0 = repro.finished_runs(Path("runs/repro"), "tiny", "kd_t4_no0")[0]
+    assert no0["config"]["data"]["exclude_classes"] == [0]
+    assert "# A tiny experiment" in text and "## What the paper reports" in text
+    assert "| BaselineKD | resnet8 | mlp_30_30 | 2 | 0, 1 |" in text
+    assert "### accuracy against temperature" in text and "test errors, corrected" in text
+    assert (page.parent / "tiny" / "accuracy_against_temperature.png").is_file()
+    assert "Incomplete" not in text
+    # a second call finds every (config, seed) finished and runs nothing
+    capsys.readouterr()
+    repro.main([str(experiment)])
+    assert "[repro] kd_t1" not in capsys.readouterr().out
+    assert len(list(Path("runs/repro/tiny/kd_t1").glob("version_*"))) == 2
+
+
+def test_report_only_marks_missing_runs(experiment):
+    repro.main([str(experiment), "--only", "teacher"])
+    text = Path("results/tiny.md").read_text()
+    assert "**Incomplete**: not yet run: kd_t1 seed 0, kd_t1 seed 1, kd_t4_no0 seed 0." in text
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["runs"].append(dict(s["runs"][0])), "two runs are named"),
+    (lambda s: s["runs"][0].update(config="configs/missing.yaml"), "does not exist"),
+    (lambda s: s["runs"][1]["set"].update({"model.init_args.teacher": "{model:nobody}"}), "no earlier run"),
+    (lambda s: s["analyses"][0].update(x=[1]), "one `x` value per run"),
+    (lambda s: s["analyses"][1].update(kind="magic"), "analysis kind"),
+    (lambda s: s["runs"][0].update(sed=[1]), "unknown: sed"),
+])
+def test_bad_experiment_files_fail_before_any_run(experiment, change, message):
+    spec = yaml.safe_load(experiment.read_text())
+    change(spec)
+    experiment.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=message):
+        repro.main([str(experiment)])
+    assert not Path("runs").exists()
+
+
+def test_bias_choice_fixes_a_suppressed_class():
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat(25)
+    logits = torch.nn.functional.one_hot(labels, 4).float() * 3 + torch.randn(100, 4) * 0.3
+    logits[:, 2] -= 4.0  # class 2 never wins before the correction
+    assert (shifted_predictions(logits, 2, 0.0) == 2).sum() == 0
+    bias = choose_bias(logits, labels, 2, [0.0, 2.0, 4.0, 6.0, 20.0])
+    assert bias in (4.0, 6.0)
+    assert (shifted_predictions(logits, 2, bias) == labels).float().mean() > 0.95
+    assert choose_bias(logits, labels, 2, [20.0]) == 20.0
