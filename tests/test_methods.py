@@ -60,6 +60,9 @@ def test_checkpoints_hold_no_teacher_and_resume(tmp_path, teacher_file):
         assert not [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]
         assert any(k.startswith("student.") for k in checkpoint["state_dict"])
         assert checkpoint["teacher"]["sha256"] == sha256_of(teacher_file)
+        assert "method" not in checkpoint["hyper_parameters"]  # it would go back into __init__
+    # the loggers' hparams (TensorBoard's hparams view) name the method, so runs can be filtered by it
+    assert "method: BaselineKD" in (tmp_path / "run" / "version_0" / "hparams.yaml").read_text()
 
     resumed = kd_module(teacher_file)
     trainer = tiny_trainer(tmp_path, max_epochs=3)

@@ -74,6 +74,9 @@ class DistillModule(L.LightningModule):
         # Callables cannot go into a checkpoint's hyperparameters without pickling code; under the CLI
         # they arrive as plain class_path dicts and stay.
         self.remove_ignored_hparams([k for k, v in self.hparams.items() if callable(v)])
+        # The method's name for TensorBoard's hparams view (loggers read the initial hparams), so runs
+        # can be filtered by method; not in `hparams`, which go back into __init__ when a checkpoint loads.
+        self._hparams_initial["method"] = type(self).__name__
         self.student_spec = NetworkSpec(student, num_classes, in_channels, image_size, dict(student_kwargs or {}))
         self.student = self.student_spec.build()
         self.optimizer_factory = optimizer
