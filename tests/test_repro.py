@@ -102,3 +102,14 @@ def test_bias_choice_fixes_a_suppressed_class():
     assert bias in (4.0, 6.0)
     assert (shifted_predictions(logits, 2, bias) == labels).float().mean() > 0.95
     assert choose_bias(logits, labels, 2, [20.0]) == 20.0
+
+
+def test_every_shipped_experiment_file_is_valid(monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # experiment files name configs relative to the repository root
+    files = sorted((REPO / "experiments").glob("*.yaml"))
+    assert files
+    for path in files:
+        spec = repro.load_spec(path)
+        assert spec["name"] == path.stem and spec.get("setup") and spec.get("paper")
