@@ -8,8 +8,9 @@
   torchmetrics and Lightning's automatic optimisation all run as in a real fit. Interleaved with
   it, in the same process and on the same networks, batches and precision, the **bound**: plain
   torch doing one student forward + backward + SGD step plus one teacher forward (under
-  ``inference_mode``). ``ratio = images_per_s / bound_images_per_s`` is the share of the bound the
-  method reaches; the medians of ``--repeats`` alternating measurements of each are compared.
+  ``inference_mode``). ``ratio`` is the share of the bound the method reaches: the median, over
+  ``--repeats`` alternating measurements, of (method images/s) / (bound images/s) measured back to
+  back; ``images_per_s`` and ``bound_images_per_s`` are the medians of each.
 * ``fit``: the full loop, ``Trainer.fit`` with the real :class:`~distill.data.DistillDataModule`,
   training only, and the share of its time spent waiting for data (:class:`DataWait`).
 * ``ddp``: ``distill fit`` in a subprocess with 1 and 2 CPU processes (``train_images_per_s`` of
@@ -473,7 +474,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="distill bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="mnist5k MLPs and resnet56→resnet20 at batch 64, few repeats, no scaling/DDP (~1–2 min)")
-    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), help="teacher→student pairs of the step rows")
+    parser.add_argument("--pairs", nargs="*", choices=sorted(PAIRS),
+                        help="teacher→student pairs of the step rows (none: no step rows)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="method rows (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--scaling-batch-sizes", type=int, nargs="*",
@@ -491,6 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fit", nargs="*", metavar="DATASET", help="full-loop rows: mnist5k, cifar10-jpeg")
     parser.add_argument("--cifar-jpeg-dir", default="data/cifar10-jpeg",
                         help="the CIFAR-10 JPEG copy (ImageFolder layout) for --fit cifar10-jpeg")
+    parser.add_argument("--fit-methods", nargs="+", default=["Supervised", "BaselineKD"], choices=list(METHODS),
+                        help="methods of the full-loop rows")
     parser.add_argument("--fit-steps", type=int, default=30, help="training batches per epoch of full-loop rows")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the non-resident fit rows")
     parser.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=None,
@@ -501,9 +505,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     full = not args.quick
-    args.pairs = args.pairs or (["mnist5k_mlp", "resnet56_resnet20"] if args.quick else
-                                ["mnist5k_mlp", "resnet32x4_resnet8x4", "resnet56_resnet20",
-                                 "bit_r152x2_r50_128", "bit_r152x2_r50_224"])
+    if args.pairs is None:
+        args.pairs = (["mnist5k_mlp", "resnet56_resnet20"] if args.quick else
+                      ["mnist5k_mlp", "resnet56_resnet20", "resnet32x4_resnet8x4",
+                       "bit_r152x2_r50_128", "bit_r152x2_r50_224"])
     args.methods = args.methods or list(METHODS)
     args.repeats = args.repeats or (5 if full else 3)
     args.steps = args.steps or (10 if full else 5)
@@ -543,7 +548,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         data = dict(dataset="mnist5k") if dataset == "mnist5k" else dict(dataset="imagefolder",
                                                                           data_dir=args.cifar_jpeg_dir)
         pair = "mnist5k_mlp" if dataset == "mnist5k" else "resnet32x4_resnet8x4"
-        for method in ("Supervised", "BaselineKD"):
+        for method in args.fit_methods:
             for resident in (False, True):
                 add(measure_fit(FitSpec(**data, pair=pair, method=method, batch_size=args.batch_size,
                                         device=args.device, device_resident=resident,

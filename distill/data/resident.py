@@ -113,8 +113,10 @@ class DeviceResidentLoader:
         self.augment = BatchAugment(preset if shuffle else "none", images.shape[-1])
         self.shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
         self.scale = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
-        #: Lightning calls ``sampler.set_epoch`` on anything with a ``sampler`` attribute.
+        #: Lightning calls ``sampler.set_epoch`` on anything with a ``sampler`` attribute (and reads
+        #: ``batch_sampler`` next to it).
         self.sampler = None
+        self.batch_sampler = None
         if shuffle:
             positions = range(len(self.labels))
             self.sampler = (EpochShuffle(positions, seed) if num_replicas == 1 else DistributedSampler(
