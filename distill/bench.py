@@ -410,7 +410,7 @@ def measure_fit(spec: FitSpec) -> dict[str, Any]:
         module = entry.build(BenchContext(pair, Path(scratch)))
         wait = DataWait(device)
         trainer = _quiet_trainer(device, spec.precision, max_epochs=spec.epochs, limit_train_batches=spec.steps,
-                                 callbacks=[wait])
+                                 callbacks=[wait], default_root_dir=scratch)
         data.setup("fit")  # decoding files is setup, not training
         trainer.fit(module, datamodule=data)
     return {
@@ -473,7 +473,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="distill bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="mnist5k MLPs and resnet56→resnet20 at batch 64, few repeats, no scaling/DDP (~1–2 min)")
+                        help="mnist5k MLPs and resnet56→resnet20, 3 repeats of 2 steps, no scaling, full loop or DDP rows")
     parser.add_argument("--pairs", nargs="*", choices=sorted(PAIRS),
                         help="teacher→student pairs of the step rows (none: no step rows)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="method rows (default: all)")
@@ -482,7 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="BaselineKD step rows at these batch sizes too (images/s against batch size)")
     parser.add_argument("--repeats", type=int, help="alternating method/bound measurements per row (median)")
     parser.add_argument("--steps", type=int, help="training steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, help="untimed steps before the first measurement")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process on CPU (default 1: on a shared or busy machine, "
                              "several OpenMP threads per process make timings erratic); 0 = torch's default")
@@ -511,7 +511,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        "bit_r152x2_r50_128", "bit_r152x2_r50_224"])
     args.methods = args.methods or list(METHODS)
     args.repeats = args.repeats or (5 if full else 3)
-    args.steps = args.steps or (10 if full else 5)
+    args.steps = args.steps or (10 if full else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if full else 1)
     if args.scaling_batch_sizes is None:
         args.scaling_batch_sizes = [32, 128, 256] if full else []
     if args.fit is None:
@@ -550,11 +551,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         pair = "mnist5k_mlp" if dataset == "mnist5k" else "resnet32x4_resnet8x4"
         for method in args.fit_methods:
             for resident in (False, True):
-                add(measure_fit(FitSpec(**data, pair=pair, method=method, batch_size=args.batch_size,
-                                        device=args.device, device_resident=resident,
-                                        num_workers=0 if resident else args.workers, steps=args.fit_steps,
-                                        precision=args.precision)))
-                records[-1]["dataset"] = dataset
+                record = measure_fit(FitSpec(**data, pair=pair, method=method, batch_size=args.batch_size,
+                                             device=args.device, device_resident=resident,
+                                             num_workers=0 if resident else args.workers, steps=args.fit_steps,
+                                             precision=args.precision))
+                add({**record, "dataset": dataset})
     if args.ddp and device.type == "cpu":
         with tempfile.TemporaryDirectory() as scratch:
             for processes in (1, 2):
