@@ -143,7 +143,11 @@ def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
     return build
 
 
-#: Method rows, in table order. New methods add one entry per measured setting or stage.
+#: Method rows, in table order. New methods add one entry per measured setting or stage, e.g. a
+#: teacher-output cache: ``METHODS["BaselineKD+cache"] = MethodBench(build, bound_networks=...)`` where
+#: ``build`` fills the cache for ``context.batches`` (their ``indices`` are distinct) before returning
+#: the module, and ``bound_networks`` returns ``(module.student, [])``: with the teacher's outputs
+#: stored, the bound is the student's step alone, and the row compares directly with Supervised's.
 METHODS: dict[str, MethodBench] = {
     "Supervised": MethodBench(lambda c: Supervised(c.pair.student, **c.geometry), teacher_role=None),
     "BaselineKD": MethodBench(lambda c: BaselineKD(c.pair.student, teacher=c.network_file("teacher"), **c.geometry)),
@@ -343,6 +347,44 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
+class _EmptyStep(L.LightningModule):
+    """A one-parameter module: its training step measures Lightning's own per-step cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self.weight * batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def seconds(self, batches: list, steps: int) -> float:  # the same step in plain torch
+        optimizer = self.configure_optimizers()
+        started = time.perf_counter()
+        for step in range(steps):
+            optimizer.zero_grad()
+            self.training_step(batches[step % len(batches)], step).backward()
+            optimizer.step()
+        return time.perf_counter() - started
+
+
+def measure_loop_overhead(steps: int = 100, repeats: int = 5) -> dict[str, Any]:
+    """Lightning's fixed cost per training step on the CPU: an empty step in a Trainer against plain torch."""
+    module, batches = _EmptyStep(), [(torch.ones(8),)]
+    timer = Interleave(module, batches, 20, steps, torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(_Cycle(batches, 20 + steps * repeats), batch_size=None)
+    with tempfile.TemporaryDirectory() as scratch:
+        _quiet_trainer(torch.device("cpu"), "32-true", max_epochs=1, callbacks=[timer],
+                       default_root_dir=scratch).fit(module, train_dataloaders=loader)
+    per_step_ms = statistics.median(m - b for m, b in zip(timer.method_s, timer.bound_s)) / steps * 1000
+    return {"kind": "overhead", "method": "Lightning loop, empty step", "pair": "-", "teacher": None,
+            "student": None, "batch_size": 8, "device": describe_device(torch.device("cpu")),
+            "precision": "32-true", "images_per_s": None, "bound_images_per_s": None, "ratio": None,
+            "peak_memory_mb": None, "overhead_ms_per_step": round(per_step_ms, 3)}
+
+
 # ------------------------------------------------------------------------------------- the full loop
 class DataWait(Callback):
     """The share of training time spent waiting for batches.
@@ -456,11 +498,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
               "peak MB", "data wait"]
     rows = []
     for r in records:
-        where = r["pair"] if r["kind"] == "step" else f"{r.get('dataset')}: {r['pair']}"
+        where = r["pair"] if r["kind"] in ("step", "overhead") else f"{r.get('dataset')}: {r['pair']}"
         if r["kind"] == "fit":
             where += " (resident)" if r["device_resident"] else f" ({r['num_workers']} workers)"
         if r["kind"] == "ddp":
             where += f" ×{r['processes']} proc"
+        if r["kind"] == "overhead":
+            where = f"{r['overhead_ms_per_step']:.2f} ms per step more than plain torch"
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         rows.append([r["kind"], where, r["method"], str(r["batch_size"]), r["precision"],
                      fmt(r["images_per_s"], ".0f"), fmt(r["bound_images_per_s"], ".0f"), fmt(r["ratio"], ".3f"),
@@ -499,6 +543,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the non-resident fit rows")
     parser.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=None,
                         help="distill fit with 1 and 2 CPU processes (default: on unless --quick)")
+    parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
+                        help="first row: Lightning's own cost per training step (an empty step), on CPU")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="measure step rows in this process (faster; peak memory then is the process's)")
     parser.add_argument("--json", type=Path, help="write the records to this JSON file")
@@ -536,6 +582,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                              args.repeats, args.channels_last, args.compile, torch.get_num_threads())))
 
     print(format_table([]))
+    if device.type == "cpu" and args.overhead:
+        add(measure_loop_overhead())
     for pair in args.pairs:
         if PAIRS[pair].gpu_only and device.type != "cuda":
             print(f"(skipping {pair}: GPU only)", file=sys.stderr)

@@ -24,7 +24,8 @@ QUICK = ["--pairs", "tiny_mlp", "--batch-size", "8", "--repeats", "2", "--steps"
 def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main([*QUICK, "--no-isolate", "--json", str(out)])
-    records = json.loads(out.read_text())
+    overhead, *records = json.loads(out.read_text())
+    assert overhead["kind"] == "overhead" and isinstance(overhead["overhead_ms_per_step"], float)
     assert [r["method"] for r in records] == ["Supervised", "BaselineKD", "TeacherAssistantKD/ta1",
                                              "TeacherAssistantKD/student"]
     for record in records:
@@ -40,7 +41,7 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
 
 def test_isolated_rows_and_full_loop_rows(tmp_path):
     out = tmp_path / "bench.json"
-    main([*QUICK, "mnist5k", "--methods", "BaselineKD", "--fit-methods", "BaselineKD", "--fit-steps", "3",
+    main([*QUICK, "mnist5k", "--no-overhead", "--methods", "BaselineKD", "--fit-methods", "BaselineKD", "--fit-steps", "3",
           "--workers", "0", "--json", str(out)])
     records = json.loads(out.read_text())
     step, fits = records[0], records[1:]
