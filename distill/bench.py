@@ -545,8 +545,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="distill fit with 1 and 2 CPU processes (default: on unless --quick)")
     parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                         help="first row: Lightning's own cost per training step (an empty step), on CPU")
-    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
-                        help="measure step rows in this process (faster; peak memory then is the process's)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure each step row in a fresh process, for a per-row peak memory (default: "
+                             "on unless --quick; each process spends seconds importing torch and lightning)")
     parser.add_argument("--json", type=Path, help="write the records to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -565,6 +566,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.fit = ["mnist5k", "cifar10-jpeg"] if full else []
     if args.ddp is None:
         args.ddp = full
+    if args.isolate is None:
+        args.isolate = full
     return args
 
 

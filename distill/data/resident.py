@@ -121,7 +121,7 @@ class DeviceResidentLoader:
             positions = range(len(self.labels))
             self.sampler = (EpochShuffle(positions, seed) if num_replicas == 1 else DistributedSampler(
                 positions, num_replicas=num_replicas, rank=rank, shuffle=True,
-                seed=int(os.environ.get("PL_GLOBAL_SEED", seed))))
+                seed=int(os.environ.get("PL_GLOBAL_SEED", 0))))  # as Lightning seeds its own
 
     def __len__(self) -> int:
         count = len(self.sampler) if self.sampler is not None else len(self.labels)
