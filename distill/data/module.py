@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from distill.data.base import Source, SourceConfig
 from distill.data.catalog import SOURCES, lookup
+from distill.data.resident import RESIDENT_PRESETS, DeviceResidentLoader, materialise
 from distill.data.splits import SUBSET_STREAM, VAL_STREAM, EpochShuffle, IndexedSplit, SplitData, split_off, stratified_pick
 from distill.data.transforms import PRESETS, NormalizeBatch, eval_transform, train_transform
 from distill.data.tvsets import TorchvisionSource
@@ -70,6 +71,11 @@ class DistillDataModule(L.LightningDataModule):
             transfer set without any 3; the student knows 3s only from the teacher's soft targets.
             Applied after the validation split and train_subset are drawn, so those stay the same
             as in runs without it.
+        device_resident: Keep each split as one uint8 tensor on the training device and cut, augment
+            (presets none, cifar, jitter) and normalise batches there, in the training process (no
+            workers; ``num_workers`` must be 0). Same samples in the same order as the DataLoader path
+            for the same seed; for data sets that fit in memory (mnist5k, CIFAR, small folders). See
+            :mod:`distill.data.resident`.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class DistillDataModule(L.LightningDataModule):
         in_channels: int = 3,
         fake_sizes: list[int] = [256, 64, 64],  # noqa: B006 (shown as the CLI default; never mutated)
         exclude_classes: list[int] | None = None,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -112,7 +119,12 @@ class DistillDataModule(L.LightningDataModule):
             if len(fake_sizes) != 3 or min(fake_sizes) < 1:
                 raise ConfigError(f"fake_sizes={list(fake_sizes)} must be three positive sizes: [train, val, test].")
 
+        if device_resident and num_workers:
+            raise ConfigError(f"device_resident: true loads batches in the training process; set num_workers: 0 "
+                              f"(got {num_workers}).")
         self.dataset = dataset
+        self.device_resident = device_resident
+        self._resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -140,6 +152,9 @@ class DistillDataModule(L.LightningDataModule):
             )
         self.val_fraction = self._resolve_val_fraction(val_fraction)
         self.augment = self._source.default_preset if augment == "default" else augment
+        if device_resident and self.augment not in RESIDENT_PRESETS:
+            raise ConfigError(f"device_resident: true supports augment {', '.join(RESIDENT_PRESETS)}, not "
+                              f"{self.augment!r}; choose one of those or set device_resident: false.")
         self._image_size = image_size or self._source.native_size
         self.mean = self._resolve_stats("mean", mean, self._source.mean)
         self.std = self._resolve_stats("std", std, self._source.std)
@@ -214,14 +229,39 @@ class DistillDataModule(L.LightningDataModule):
             "test": IndexedSplit(raw["test"], evaluation),
         }
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceResidentLoader:
+        if self.device_resident:
+            return self.resident_loader("train", self.batch_size, shuffle=True)
         return self._loader(self._split("train"), self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceResidentLoader:
+        if self.device_resident:
+            return self.resident_loader("val", self.eval_batch_size, shuffle=False)
         return self._loader(self._split("val"), self.eval_batch_size, shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceResidentLoader:
+        if self.device_resident:
+            return self.resident_loader("test", self.eval_batch_size, shuffle=False)
         return self._loader(self._split("test"), self.eval_batch_size, shuffle=False)
+
+    def resident_loader(self, split: str, batch_size: int, shuffle: bool,
+                        device: torch.device | str | None = None) -> DeviceResidentLoader:
+        """The device-resident counterpart of a split's loader (see ``device_resident``).
+
+        The split is decoded once per data module; ``device`` defaults to the Trainer's device, and
+        under DDP each process reads its DistributedSampler shard.
+        """
+        if split not in self._resident:
+            data = self._split(split)
+            self._resident[split] = materialise(data.with_transform(self._split("val").transform))
+        trainer = self.trainer
+        if device is None:
+            device = trainer.strategy.root_device if trainer is not None else "cpu"
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None and shuffle else (1, 0)
+        images, labels = self._resident[split]
+        return DeviceResidentLoader(images, labels, batch_size, self.mean, self.std, shuffle=shuffle,
+                                    preset=self.augment, seed=torch.initial_seed(), device=device,
+                                    num_replicas=replicas, rank=rank)
 
     def predict_dataloader(self) -> DataLoader:
         """``distill predict`` runs over the test split, in order."""

@@ -126,12 +126,19 @@ class DistillModule(L.LightningModule):
         """The network being trained and evaluated now; staged methods change it from stage to stage."""
         return self.student
 
-    @torch.no_grad()
     def teacher_logits(self, images: Tensor) -> Tensor:
-        """Teacher forward without autograd (no_grad, not inference_mode: its outputs enter the loss)."""
+        """Teacher forward under ``torch.inference_mode`` (no autograd graph, no version counting).
+
+        The result is cloned outside inference mode: an inference tensor may not be saved for the
+        student's backward pass, which a loss is free to do with the teacher's logits; the clone of a
+        ``B x classes`` tensor costs next to nothing. Runs under the step's autocast, so in bf16 with
+        ``precision: bf16-mixed``.
+        """
         teacher = self.active_teacher()
         assert teacher is not None
-        return teacher(images)
+        with torch.inference_mode():
+            logits = teacher(images)
+        return logits.clone() if logits.is_inference() else logits
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher is an input, not a result: checkpoints record where it came from, not its tensors.
@@ -163,7 +170,7 @@ class DistillModule(L.LightningModule):
             return MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
 
         self.top5 = num_classes > 5
-        self.train_acc = accuracy()
+        self.train_means = EpochMeans()  # loss parts and accuracy of the training epoch
         self.val_acc, self.test_acc = accuracy(), accuracy()
         self.val_acc_top5 = accuracy(5) if self.top5 else None
         self.test_acc_top5 = accuracy(5) if self.top5 else None
@@ -188,16 +195,40 @@ class DistillModule(L.LightningModule):
         images, labels, _ = batch
         logits, losses = self.training_losses(images, labels)
         batch_size = images.shape[0]
+        prefix = f"{self.log_prefix}train/"
+        # Each self.log call, like each torchmetrics update, costs Lightning ~0.5-2 ms of Python on a
+        # CPU, as much as a small network's whole step, so the hot path only accumulates on the
+        # device: epoch means and accuracy are summed here and logged once per epoch
+        # (EpochTrainingMetrics), and step values are logged only on the steps that the loggers write
+        # (every trainer.log_every_n_steps), plus the loss on every step when a progress bar shows it.
+        with torch.no_grad():
+            correct = (logits.argmax(dim=-1) == labels).float().mean()
+        self.train_means.update({**{f"{prefix}{name}_epoch": value for name, value in losses.items()},
+                                 f"{prefix}acc": correct}, batch_size)
+        written = self._writes_step_logs()
+        progress_bar = self._trainer is not None and self.trainer.progress_bar_callback is not None
         for name, value in losses.items():
-            key, value = f"{self.log_prefix}train/{name}", value.detach()
-            # Step values are this process's own (no collective in the hot path); epoch means are
-            # reduced over processes once, at the end of the epoch. Same names as on_step+on_epoch.
-            self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=name == "loss",
-                     batch_size=batch_size)
-            self.log(f"{key}_epoch", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        self.train_acc(logits.detach(), labels)
-        self.log(f"{self.log_prefix}train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=batch_size)
+            if written or (progress_bar and name == "loss"):
+                self.log(f"{prefix}{name}_step", value.detach(), on_step=True, on_epoch=False,
+                         prog_bar=name == "loss", batch_size=batch_size)
         return losses["loss"]
+
+    def _writes_step_logs(self) -> bool:
+        """Whether the loggers write step values after this training step (Lightning's own test)."""
+        if self._trainer is None:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def log_train_epoch_metrics(self) -> None:
+        """Logs the epoch means of the loss parts (``train/<part>_epoch``) and the accuracy (``train/acc``).
+
+        The sums are reduced over processes once, here (a single collective per epoch); the means are
+        weighted by batch size, as Lightning's ``on_epoch`` means, so ``train/acc`` is the fraction
+        of the epoch's training images classified correctly (micro top-1 accuracy).
+        """
+        for key, mean in self.train_means.compute(self.trainer.strategy).items():
+            self.log(key, mean, on_step=False, on_epoch=True)
 
     def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
         images, labels, _ = batch
@@ -263,7 +294,7 @@ class DistillModule(L.LightningModule):
         self.log("lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [TrainingThroughput()]
+        callbacks: list[Callback] = [TrainingThroughput(), EpochTrainingMetrics()]
         # The method's checkpointing, unless the user configured a monitored checkpoint of their own.
         if not any(c.monitor for c in self.trainer.checkpoint_callbacks):
             callbacks.append(self.checkpoint_callback())
@@ -345,4 +376,44 @@ class TrainingThroughput(Callback):
         self.seconds = state_dict["seconds"]
 
 
-__all__ = ["DistillModule", "TrainingThroughput", "check_label_smoothing"]
+class EpochMeans:
+    """Batch-size-weighted sums of scalar tensors over an epoch, kept on their device (no sync, no Python per value)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def update(self, values: dict[str, Tensor], weight: int) -> None:
+        with torch.no_grad():
+            for key, value in values.items():
+                if key in self.sums:
+                    self.sums[key].add_(value.detach().float(), alpha=weight)
+                else:
+                    self.sums[key] = value.detach().float() * weight
+        self.count += weight
+
+    def compute(self, strategy: Any = None) -> dict[str, Tensor]:
+        """The means (reduced over processes with ``strategy.reduce``), and a reset for the next epoch."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        totals = torch.stack([self.sums[k] for k in keys] + [torch.full_like(self.sums[keys[0]], self.count)])
+        if strategy is not None:
+            totals = strategy.reduce(totals, reduce_op="sum")
+        self.sums, self.count = {}, 0
+        return {key: totals[i] / totals[-1] for i, key in enumerate(keys)}
+
+
+class EpochTrainingMetrics(Callback):
+    """Logs the method's epoch means of the training losses and its training accuracy at each epoch's end.
+
+    A callback rather than the module's ``on_train_epoch_end``, so that methods overriding that hook
+    cannot lose these metrics.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(pl_module, DistillModule):
+            pl_module.log_train_epoch_metrics()
+
+
+__all__ = ["DistillModule", "TrainingThroughput", "EpochTrainingMetrics", "EpochMeans", "check_label_smoothing"]

@@ -1,0 +1,14 @@
+"""Throughput benchmark of the distillation methods: ``python benchmarks/throughput.py --help``.
+
+The same as ``distill bench``; the harness lives in :mod:`distill.bench`.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,644 @@
+"""Throughput benchmark: each method's real training step against the cost of its parts.
+
+``python benchmarks/throughput.py --quick`` (or ``distill bench --quick``) prints a table and, with
+``--json PATH``, writes one record per measurement. Kinds of measurement:
+
+* ``step``: a method's training step, run by a minimal ``lightning.Trainer`` (no logger, no
+  checkpoints, no validation) on batches already in memory on the device, so ``self.log``,
+  torchmetrics and Lightning's automatic optimisation all run as in a real fit. Interleaved with
+  it, in the same process and on the same networks, batches and precision, the **bound**: plain
+  torch doing one student forward + backward + SGD step plus one teacher forward (under
+  ``inference_mode``). ``ratio`` is the share of the bound the method reaches: the median, over
+  ``--repeats`` alternating measurements, of (method images/s) / (bound images/s) measured back to
+  back; ``images_per_s`` and ``bound_images_per_s`` are the medians of each.
+* ``fit``: the full loop, ``Trainer.fit`` with the real :class:`~distill.data.DistillDataModule`,
+  training only, and the share of its time spent waiting for data (:class:`DataWait`).
+* ``ddp``: ``distill fit`` in a subprocess with 1 and 2 CPU processes (``train_images_per_s`` of
+  its ``results.json``).
+
+Methods plug in through :data:`METHODS`: one :class:`MethodBench` entry per row (a staged method has
+one per stage) saying how to build the module from a :class:`BenchContext`; the step itself is always
+the module's own ``training_step``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from distill.methods import BaselineKD, DistillModule, Supervised, TeacherAssistantKD
+from distill.speed import apply_speed_options
+from distill.teachers import NetworkSpec, save_network
+
+REQUIRED_KEYS = ("method", "teacher", "student", "batch_size", "device", "precision", "images_per_s",
+                 "bound_images_per_s", "ratio", "peak_memory_mb")
+
+
+# ------------------------------------------------------------------------------------- what is run
+@dataclass(frozen=True)
+class Pair:
+    """A teacher → student pair (with an assistant for TAKD) and the input it trains on."""
+
+    name: str
+    teacher: str
+    student: str
+    assistant: str
+    image_size: int
+    in_channels: int = 3
+    num_classes: int = 100
+    gpu_only: bool = False
+
+
+PAIRS: dict[str, Pair] = {pair.name: pair for pair in (
+    Pair("mnist5k_mlp", "mlp_1200_1200", "mlp_800_800", "mlp_300_300", 28, 1, 10),
+    Pair("resnet32x4_resnet8x4", "resnet32x4", "resnet8x4", "wrn_40_2", 32),
+    Pair("resnet56_resnet20", "resnet56", "resnet20", "resnet32", 32),
+    Pair("bit_r152x2_r50_128", "timm.resnetv2_152x2_bit", "timm.resnetv2_50x1_bit", "timm.resnetv2_101x1_bit",
+         128, 3, 1000, gpu_only=True),
+    Pair("bit_r152x2_r50_224", "timm.resnetv2_152x2_bit", "timm.resnetv2_50x1_bit", "timm.resnetv2_101x1_bit",
+         224, 3, 1000, gpu_only=True),
+    # for tests and smoke runs
+    Pair("tiny_mlp", "mlp_300_300", "mlp_30_30", "mlp_30_30", 8, 1, 10),
+)}
+
+
+@dataclass
+class BenchContext:
+    """What a method's builder gets: the pair, a scratch directory, and saved (random) teacher/assistant files.
+
+    ``batches`` are the in-memory ``(images, labels, indices)`` batches the step is timed on (indices
+    are distinct over them), for builders that precompute per-sample data such as a teacher cache.
+    """
+
+    pair: Pair
+    workdir: Path
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def network_file(self, role: str) -> str:
+        """A randomly initialised ``role`` network (``teacher``/``assistant``) saved as a teacher file."""
+        path = self.workdir / f"{self.pair.name}-{role}.safetensors"
+        if not path.exists():
+            name = getattr(self.pair, role)
+            spec = NetworkSpec(name, self.pair.num_classes, self.pair.in_channels, self.pair.image_size)
+            save_network(spec.build(), spec, path)
+        return str(path)
+
+    @property
+    def geometry(self) -> dict[str, int]:
+        return dict(num_classes=self.pair.num_classes, in_channels=self.pair.in_channels,
+                    image_size=self.pair.image_size)
+
+
+def default_bound_networks(module: DistillModule) -> tuple[nn.Module, list[nn.Module]]:
+    """The bound's trained network and frozen forward-only networks: the active student and its teacher."""
+    teacher = module.active_teacher()
+    return module.active_network(), [] if teacher is None else [teacher]
+
+
+@dataclass(frozen=True)
+class MethodBench:
+    """One row of the step benchmark.
+
+    Args:
+        build: makes the module, in the state whose step is measured (e.g. a TAKD stage).
+        teacher_role: which network of the pair teaches (``teacher``/``assistant``), for the table; None: none.
+        student_role: which network of the pair is trained.
+        bound_networks: the networks of the plain-torch bound: ``(trained, [forward only, ...])``.
+    """
+
+    build: Callable[[BenchContext], DistillModule]
+    teacher_role: str | None = "teacher"
+    student_role: str = "student"
+    bound_networks: Callable[[DistillModule], tuple[nn.Module, list[nn.Module]]] = default_bound_networks
+
+
+def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
+    # One assistant; a supplied assistant file skips its stage, so the module starts in the student's.
+    def build(context: BenchContext) -> DistillModule:
+        supplied = stage == "student"
+        return TeacherAssistantKD(
+            context.pair.student, assistants=[context.pair.assistant],
+            stage_epochs=[0, 10**6] if supplied else [10**6, 1],
+            assistant_checkpoints=[context.network_file("assistant") if supplied else None],
+            teacher=context.network_file("teacher"), **context.geometry)
+    return build
+
+
+#: Method rows, in table order. New methods add one entry per measured setting or stage, e.g. a
+#: teacher-output cache: ``METHODS["BaselineKD+cache"] = MethodBench(build, bound_networks=...)`` where
+#: ``build`` fills the cache for ``context.batches`` (their ``indices`` are distinct) before returning
+#: the module, and ``bound_networks`` returns ``(module.student, [])``: with the teacher's outputs
+#: stored, the bound is the student's step alone, and the row compares directly with Supervised's.
+METHODS: dict[str, MethodBench] = {
+    "Supervised": MethodBench(lambda c: Supervised(c.pair.student, **c.geometry), teacher_role=None),
+    "BaselineKD": MethodBench(lambda c: BaselineKD(c.pair.student, teacher=c.network_file("teacher"), **c.geometry)),
+    "TeacherAssistantKD/ta1": MethodBench(_takd_stage("ta1"), student_role="assistant"),
+    "TeacherAssistantKD/student": MethodBench(_takd_stage("student"), teacher_role="assistant"),
+}
+
+
+# ------------------------------------------------------------------------------------- measuring
+def make_batches(pair: Pair, batch_size: int, count: int, device: torch.device,
+                 seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch_size, pair.in_channels, pair.image_size, pair.image_size)
+    return [(torch.randn(shape, generator=generator).to(device),
+             torch.randint(0, pair.num_classes, (batch_size,), generator=generator).to(device),
+             torch.arange(k * batch_size, (k + 1) * batch_size).to(device)) for k in range(count)]
+
+
+class _Cycle(torch.utils.data.Dataset):
+    """``length`` items cycling through prepared batches (a DataLoader with ``batch_size=None`` serves them)."""
+
+    def __init__(self, batches: list, length: int) -> None:
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.batches[index % len(self.batches)]
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PlainStep:
+    """The bound: the same networks trained with plain torch, teacher forward under inference_mode."""
+
+    def __init__(self, trained: nn.Module, frozen: list[nn.Module], device: torch.device, precision: str) -> None:
+        self.trained, self.frozen, self.device, self.precision = trained, frozen, device, precision
+        # DistillModule's default optimiser (SGD, momentum 0.9, weight decay 5e-4)
+        self.optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1e-3,
+                                         momentum=0.9, weight_decay=5e-4)
+
+    def __call__(self, batch: tuple[torch.Tensor, ...]) -> None:
+        images, labels = batch[0], batch[1]
+        with _autocast(self.device, self.precision):
+            logits = self.trained(images)
+            with torch.inference_mode():
+                for network in self.frozen:
+                    network(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def seconds(self, batches: list, steps: int) -> float:
+        _sync(self.device)
+        started = time.perf_counter()
+        for step in range(steps):
+            self(batches[step % len(batches)])
+        _sync(self.device)
+        return time.perf_counter() - started
+
+
+class Interleave(Callback):
+    """Times chunks of ``steps`` training steps inside ``fit`` and, after each, ``steps`` bound steps.
+
+    The first ``warmup`` steps (and one warm-up chunk of the bound) are not timed.
+    """
+
+    def __init__(self, bound: PlainStep, batches: list, warmup: int, steps: int, device: torch.device) -> None:
+        self.bound, self.batches, self.warmup, self.steps, self.device = bound, batches, warmup, steps, device
+        self.method_s: list[float] = []
+        self.bound_s: list[float] = []
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup and (batch_idx - self.warmup) % self.steps == 0:
+            _sync(self.device)
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.warmup - 1:
+            self.bound.seconds(self.batches, self.warmup)
+        elif batch_idx >= self.warmup and (batch_idx - self.warmup + 1) % self.steps == 0:
+            _sync(self.device)
+            self.method_s.append(time.perf_counter() - self._started)
+            self.bound_s.append(self.bound.seconds(self.batches, self.steps))
+
+
+def _quiet_trainer(device: torch.device, precision: str, **kwargs: Any) -> L.Trainer:
+    options = dict(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 2**20
+
+
+@dataclass
+class StepSpec:
+    """One step measurement (JSON-serialisable, so it can run in a fresh process)."""
+
+    method: str
+    pair: str
+    batch_size: int
+    device: str
+    precision: str = "32-true"
+    steps: int = 10
+    warmup: int = 3
+    repeats: int = 5
+    channels_last: bool = False
+    compile: bool | str = False
+    threads: int | None = None
+
+
+def measure_step(spec: StepSpec) -> dict[str, Any]:
+    """Measures one method row and its bound in this process; returns the JSON record."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], METHODS[spec.method]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    L.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        batches = make_batches(pair, spec.batch_size, 4, device)
+        context = BenchContext(pair, Path(scratch), batches)
+        module = entry.build(context)
+        apply_speed_options(module, spec.channels_last, spec.compile)
+        module.to(device)
+        if spec.channels_last:
+            batches[:] = [(x.to(memory_format=torch.channels_last), y, i) for x, y, i in batches]
+        trained, frozen = entry.bound_networks(module)
+        bound = PlainStep(trained, frozen, device, spec.precision)
+        timer = Interleave(bound, batches, spec.warmup, spec.steps, device)
+        total = spec.warmup + spec.steps * spec.repeats
+        loader = torch.utils.data.DataLoader(_Cycle(batches, total), batch_size=None)
+        trainer = _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[timer],
+                                 default_root_dir=scratch)
+        trainer.fit(module, train_dataloaders=loader)
+    images = spec.batch_size * spec.steps
+    method_ips = images / statistics.median(timer.method_s)
+    bound_ips = images / statistics.median(timer.bound_s)
+    # Each method chunk runs right before its bound chunk, so their ratio cancels the machine's
+    # load drifting between repeats; the median of those paired ratios is the row's ratio.
+    ratio = statistics.median(b / m for m, b in zip(timer.method_s, timer.bound_s))
+    return {
+        "kind": "step", "method": spec.method, "pair": pair.name,
+        "teacher": getattr(pair, entry.teacher_role) if entry.teacher_role else None,
+        "student": getattr(pair, entry.student_role), "batch_size": spec.batch_size,
+        "device": describe_device(device), "precision": spec.precision,
+        "images_per_s": round(method_ips, 2), "bound_images_per_s": round(bound_ips, 2),
+        "ratio": round(ratio, 4), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "repeats": spec.repeats, "steps": spec.steps,
+        "method_images_per_s_each": [round(images / s, 2) for s in timer.method_s],
+        "bound_images_per_s_each": [round(images / s, 2) for s in timer.bound_s],
+        "channels_last": spec.channels_last, "compile": spec.compile,
+    }
+
+
+def measure_step_isolated(spec: StepSpec) -> dict[str, Any]:
+    """:func:`measure_step` in a fresh Python process: a clean peak memory and no state from other rows."""
+    command = [sys.executable, "-m", "distill.bench", "--worker", json.dumps(asdict(spec))]
+    done = subprocess.run(command, capture_output=True, text=True, env=_child_env())
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark worker for {spec.method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+class _EmptyStep(L.LightningModule):
+    """A one-parameter module: its training step measures Lightning's own per-step cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self.weight * batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def seconds(self, batches: list, steps: int) -> float:  # the same step in plain torch
+        optimizer = self.configure_optimizers()
+        started = time.perf_counter()
+        for step in range(steps):
+            optimizer.zero_grad()
+            self.training_step(batches[step % len(batches)], step).backward()
+            optimizer.step()
+        return time.perf_counter() - started
+
+
+def measure_loop_overhead(steps: int = 100, repeats: int = 5) -> dict[str, Any]:
+    """Lightning's fixed cost per training step on the CPU: an empty step in a Trainer against plain torch."""
+    module, batches = _EmptyStep(), [(torch.ones(8),)]
+    timer = Interleave(module, batches, 20, steps, torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(_Cycle(batches, 20 + steps * repeats), batch_size=None)
+    with tempfile.TemporaryDirectory() as scratch:
+        _quiet_trainer(torch.device("cpu"), "32-true", max_epochs=1, callbacks=[timer],
+                       default_root_dir=scratch).fit(module, train_dataloaders=loader)
+    per_step_ms = statistics.median(m - b for m, b in zip(timer.method_s, timer.bound_s)) / steps * 1000
+    return {"kind": "overhead", "method": "Lightning loop, empty step", "pair": "-", "teacher": None,
+            "student": None, "batch_size": 8, "device": describe_device(torch.device("cpu")),
+            "precision": "32-true", "images_per_s": None, "bound_images_per_s": None, "ratio": None,
+            "peak_memory_mb": None, "overhead_ms_per_step": round(per_step_ms, 3)}
+
+
+# ------------------------------------------------------------------------------------- the full loop
+class DataWait(Callback):
+    """The share of training time spent waiting for batches.
+
+    Waiting = from the end of one training batch (``on_train_batch_end``), or the epoch's start, to
+    the start of the next (``on_train_batch_start``): Lightning fetches the next batch and moves it
+    to the device in that gap. Total = from the epoch's start to its last batch's end.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.waiting = 0.0
+        self.total = 0.0
+        self.images = 0
+        self._mark = self._epoch_start = 0.0
+
+    def _now(self) -> float:
+        _sync(self.device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._mark = self._epoch_start = self._now()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.waiting += self._now() - self._mark
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._mark = self._now()
+        self.images += batch[0].shape[0]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.total += self._mark - self._epoch_start
+
+    @property
+    def share(self) -> float:
+        return self.waiting / self.total if self.total else 0.0
+
+
+@dataclass
+class FitSpec:
+    dataset: str
+    pair: str
+    method: str
+    batch_size: int
+    device: str
+    device_resident: bool
+    num_workers: int = 0
+    data_dir: str = "data"
+    steps: int = 30
+    epochs: int = 2
+    precision: str = "32-true"
+
+
+def measure_fit(spec: FitSpec) -> dict[str, Any]:
+    from distill.data import DistillDataModule
+
+    device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], METHODS[spec.method]
+    L.seed_everything(0, verbose=False)
+    data = DistillDataModule(dataset=spec.dataset, data_dir=spec.data_dir, batch_size=spec.batch_size,
+                             num_workers=spec.num_workers, device_resident=spec.device_resident,
+                             persistent_workers=spec.num_workers > 0)
+    pair = Pair(pair.name, pair.teacher, pair.student, pair.assistant, data.image_size, data.in_channels,
+                data.num_classes)
+    with tempfile.TemporaryDirectory() as scratch:
+        module = entry.build(BenchContext(pair, Path(scratch)))
+        wait = DataWait(device)
+        trainer = _quiet_trainer(device, spec.precision, max_epochs=spec.epochs, limit_train_batches=spec.steps,
+                                 callbacks=[wait], default_root_dir=scratch)
+        data.setup("fit")  # decoding files is setup, not training
+        trainer.fit(module, datamodule=data)
+    return {
+        "kind": "fit", "method": spec.method, "pair": pair.name, "dataset": spec.dataset,
+        "teacher": getattr(pair, entry.teacher_role) if entry.teacher_role else None,
+        "student": getattr(pair, entry.student_role), "batch_size": spec.batch_size,
+        "device": describe_device(device), "precision": spec.precision,
+        "images_per_s": round(wait.images / wait.total, 2) if wait.total else None,
+        "bound_images_per_s": None, "ratio": None, "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "data_wait_share": round(wait.share, 4), "device_resident": spec.device_resident,
+        "num_workers": spec.num_workers, "epochs": spec.epochs, "steps_per_epoch": spec.steps,
+    }
+
+
+def measure_ddp(processes: int, batch_size: int, epochs: int, workdir: Path) -> dict[str, Any]:
+    """``distill fit`` of BaselineKD on mnist5k (MLP pair) with ``processes`` CPU processes."""
+    pair = PAIRS["mnist5k_mlp"]
+    teacher = BenchContext(pair, workdir).network_file("teacher")
+    command = [sys.executable, "-m", "distill.cli", "fit", "--model", "BaselineKD",
+               "--model.student", pair.student, "--model.teacher", teacher, "--data.dataset", "mnist5k",
+               "--data.batch_size", str(batch_size), "--trainer.max_epochs", str(epochs),
+               "--trainer.accelerator", "cpu", "--trainer.devices", str(processes),
+               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(workdir / "runs"),
+               "--run_name", f"ddp{processes}"]
+    if processes > 1:
+        command += ["--trainer.strategy", "ddp"]
+    done = subprocess.run(command, capture_output=True, text=True, env=_child_env(), cwd=workdir)
+    if done.returncode != 0:
+        raise RuntimeError(f"distill fit with {processes} processes failed:\n{done.stderr[-3000:]}")
+    results = json.loads((workdir / "runs" / f"ddp{processes}" / "latest" / "results.json").read_text())
+    return {
+        "kind": "ddp", "method": "BaselineKD", "pair": pair.name, "dataset": "mnist5k",
+        "teacher": pair.teacher, "student": pair.student, "batch_size": batch_size,
+        "device": f"cpu x {processes} processes", "precision": "32-true",
+        "images_per_s": results["train_images_per_s"], "bound_images_per_s": None, "ratio": None,
+        "peak_memory_mb": None, "processes": processes, "epochs": epochs,
+    }
+
+
+# ------------------------------------------------------------------------------------- the command
+def format_table(records: list[dict[str, Any]]) -> str:
+    header = ["kind", "pair / data", "method", "batch", "precision", "img/s", "bound img/s", "ratio",
+              "peak MB", "data wait"]
+    rows = []
+    for r in records:
+        where = r["pair"] if r["kind"] in ("step", "overhead") else f"{r.get('dataset')}: {r['pair']}"
+        if r["kind"] == "fit":
+            where += " (resident)" if r["device_resident"] else f" ({r['num_workers']} workers)"
+        if r["kind"] == "ddp":
+            where += f" ×{r['processes']} proc"
+        if r["kind"] == "overhead":
+            where = f"{r['overhead_ms_per_step']:.2f} ms per step more than plain torch"
+        fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+        rows.append([r["kind"], where, r["method"], str(r["batch_size"]), r["precision"],
+                     fmt(r["images_per_s"], ".0f"), fmt(r["bound_images_per_s"], ".0f"), fmt(r["ratio"], ".3f"),
+                     fmt(r["peak_memory_mb"], ".0f"), fmt(r.get("data_wait_share"), ".1%")])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="distill bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="mnist5k MLPs and resnet56→resnet20, 3 repeats of 2 steps, no scaling, full loop or DDP rows")
+    parser.add_argument("--pairs", nargs="*", choices=sorted(PAIRS),
+                        help="teacher→student pairs of the step rows (none: no step rows)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="method rows (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--scaling-batch-sizes", type=int, nargs="*",
+                        help="BaselineKD step rows at these batch sizes too (images/s against batch size)")
+    parser.add_argument("--repeats", type=int, help="alternating method/bound measurements per row (median)")
+    parser.add_argument("--steps", type=int, help="training steps per measurement")
+    parser.add_argument("--warmup", type=int, help="untimed steps before the first measurement")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process on CPU (default 1: on a shared or busy machine, "
+                             "several OpenMP threads per process make timings erratic); 0 = torch's default")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed (GPU)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", default=False, help="torch.compile mode for student and teacher")
+    parser.add_argument("--fit", nargs="*", metavar="DATASET", help="full-loop rows: mnist5k, cifar10-jpeg")
+    parser.add_argument("--cifar-jpeg-dir", default="data/cifar10-jpeg",
+                        help="the CIFAR-10 JPEG copy (ImageFolder layout) for --fit cifar10-jpeg")
+    parser.add_argument("--fit-methods", nargs="+", default=["Supervised", "BaselineKD"], choices=list(METHODS),
+                        help="methods of the full-loop rows")
+    parser.add_argument("--fit-steps", type=int, default=30, help="training batches per epoch of full-loop rows")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the non-resident fit rows")
+    parser.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=None,
+                        help="distill fit with 1 and 2 CPU processes (default: on unless --quick)")
+    parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
+                        help="first row: Lightning's own cost per training step (an empty step), on CPU")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure each step row in a fresh process, for a per-row peak memory (default: "
+                             "on unless --quick; each process spends seconds importing torch and lightning)")
+    parser.add_argument("--json", type=Path, help="write the records to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    full = not args.quick
+    if args.pairs is None:
+        args.pairs = (["mnist5k_mlp", "resnet56_resnet20"] if args.quick else
+                      ["mnist5k_mlp", "resnet56_resnet20", "resnet32x4_resnet8x4",
+                       "bit_r152x2_r50_128", "bit_r152x2_r50_224"])
+    args.methods = args.methods or list(METHODS)
+    args.repeats = args.repeats or (5 if full else 3)
+    args.steps = args.steps or (10 if full else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if full else 1)
+    if args.scaling_batch_sizes is None:
+        args.scaling_batch_sizes = [32, 128, 256] if full else []
+    if args.fit is None:
+        args.fit = ["mnist5k", "cifar10-jpeg"] if full else []
+    if args.ddp is None:
+        args.ddp = full
+    if args.isolate is None:
+        args.isolate = full
+    return args
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    measure = measure_step_isolated if args.isolate else measure_step
+    records: list[dict[str, Any]] = []
+
+    def add(record: dict[str, Any]) -> None:
+        records.append(record)
+        print(format_table([record]).splitlines()[-1], flush=True)
+
+    def step(method: str, pair: str, batch_size: int) -> None:
+        add(measure(StepSpec(method, pair, batch_size, args.device, args.precision, args.steps, args.warmup,
+                             args.repeats, args.channels_last, args.compile, torch.get_num_threads())))
+
+    print(format_table([]))
+    if device.type == "cpu" and args.overhead:
+        add(measure_loop_overhead())
+    for pair in args.pairs:
+        if PAIRS[pair].gpu_only and device.type != "cuda":
+            print(f"(skipping {pair}: GPU only)", file=sys.stderr)
+            continue
+        for method in args.methods:
+            step(method, pair, args.batch_size)
+        for batch_size in args.scaling_batch_sizes:
+            if "BaselineKD" in args.methods and batch_size != args.batch_size:
+                step("BaselineKD", pair, batch_size)
+    for dataset in args.fit:
+        data = dict(dataset="mnist5k") if dataset == "mnist5k" else dict(dataset="imagefolder",
+                                                                          data_dir=args.cifar_jpeg_dir)
+        pair = "mnist5k_mlp" if dataset == "mnist5k" else "resnet32x4_resnet8x4"
+        for method in args.fit_methods:
+            for resident in (False, True):
+                record = measure_fit(FitSpec(**data, pair=pair, method=method, batch_size=args.batch_size,
+                                             device=args.device, device_resident=resident,
+                                             num_workers=0 if resident else args.workers, steps=args.fit_steps,
+                                             precision=args.precision))
+                add({**record, "dataset": dataset})
+    if args.ddp and device.type == "cpu":
+        with tempfile.TemporaryDirectory() as scratch:
+            for processes in (1, 2):
+                add(measure_ddp(processes, args.batch_size, 2, Path(scratch)))
+    return records
+
+
+def environment() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average "
+            f"{', '.join(f'{x:.2f}' for x in load)}")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads and args.device == "cpu":
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the distill fit subprocesses
+    if args.worker:  # one isolated step measurement; the record is the last line of stdout
+        print(json.dumps(measure_step(StepSpec(**json.loads(args.worker)))))
+        return []
+    print(environment(), flush=True)
+    started = time.perf_counter()
+    records = run(args)
+    print(f"\n{format_table(records)}\n\n{len(records)} measurements in {time.perf_counter() - started:.0f} s; "
+          f"{environment()}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2))
+    return records
+
+
+if __name__ == "__main__":
+    main()

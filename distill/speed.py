@@ -1,0 +1,90 @@
+"""Speed options that do not change what a method computes: ``channels_last`` and ``torch.compile``.
+
+They are a Trainer callback rather than arguments of every method, so they apply to every method
+(present and future) without each method's signature repeating them::
+
+    trainer:
+      callbacks:
+        - class_path: distill.speed.SpeedOptions
+          init_args: {channels_last: true, compile: default}
+
+or ``--trainer.callbacks+=distill.speed.SpeedOptions --trainer.callbacks.channels_last=true``.
+
+What is always on (no option): the teacher runs under ``torch.inference_mode`` (see
+:meth:`distill.methods.DistillModule.teacher_logits`) inside the training step, hence under the
+same autocast as the student: in bf16 with ``trainer.precision: bf16-mixed``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from distill.errors import ConfigError
+from distill.models.base import ClassifierModel
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def networks_of(module: nn.Module) -> list[nn.Module]:
+    """The outermost zoo networks inside ``module``: student, teacher, assistants, whatever the method holds."""
+    found: list[nn.Module] = []
+    inner: set[int] = set()
+    for child in module.modules():
+        if id(child) in inner or not isinstance(child, ClassifierModel):
+            continue
+        found.append(child)
+        inner.update(id(m) for m in child.modules())
+    return found
+
+
+def resolve_compile(compile: bool | str) -> str | None:
+    """``compile`` as a torch.compile mode, or ``None`` for off; one clear error for a wrong value."""
+    if compile is False or compile in ("false", "none", None):
+        return None
+    if compile is True or compile == "true":
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ConfigError(f"compile={compile!r} is not one of true, false, {', '.join(COMPILE_MODES)}.")
+    return compile
+
+
+def apply_speed_options(module: nn.Module, channels_last: bool = False, compile: bool | str = False) -> None:
+    """Converts every network in ``module`` in place (parameter names unchanged, so checkpoints are too).
+
+    * ``channels_last``: 4-D weights in NHWC order; convolutions then run in NHWC (faster with
+      tensor cores on GPUs, for bf16 in particular; on CPUs it depends on the oneDNN kernels: measure).
+    * ``compile``: ``nn.Module.compile`` (torch.compile in place) of each network with that mode.
+    """
+    mode = resolve_compile(compile)
+    for network in networks_of(module):
+        if channels_last:
+            network.to(memory_format=torch.channels_last)
+        if mode is not None:
+            network.compile(mode=mode)
+
+
+class SpeedOptions(Callback):
+    """Applies :func:`apply_speed_options` to the method's networks when ``fit``/``validate``/``test`` starts.
+
+    Args:
+        channels_last: store convolution weights (and so activations) in NHWC memory order.
+        compile: ``false`` (default), ``true`` (mode ``default``) or a torch.compile mode
+            (``reduce-overhead``, ``max-autotune``, ...). The first steps then include compilation.
+    """
+
+    def __init__(self, channels_last: bool = False, compile: bool | str = False) -> None:
+        resolve_compile(compile)  # a wrong mode fails when the config is read, not in setup
+        self.channels_last = channels_last
+        self.compile = compile
+        self._applied: set[int] = set()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if id(pl_module) not in self._applied:
+            apply_speed_options(pl_module, self.channels_last, self.compile)
+            self._applied.add(id(pl_module))
+
+
+__all__ = ["SpeedOptions", "apply_speed_options", "networks_of", "resolve_compile", "COMPILE_MODES"]
