@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from distill.data.base import Source, SourceConfig
 from distill.data.catalog import SOURCES, lookup
 from distill.data.splits import SUBSET_STREAM, VAL_STREAM, EpochShuffle, IndexedSplit, SplitData, split_off, stratified_pick
-from distill.data.transforms import PRESETS, NormalizeBatch, eval_transform, train_transform
+from distill.data.transforms import PRESETS, Geometry, NormalizeBatch, eval_transform, train_transform
 from distill.data.tvsets import TorchvisionSource
 from distill.errors import ConfigError
 
@@ -65,6 +65,10 @@ class DistillDataModule(L.LightningDataModule):
         num_classes: Number of classes of the fake data set (other data sets have their own).
         in_channels: Number of image channels of the fake data set (others have their own).
         fake_sizes: Train, validation and test sizes of the fake data set.
+        train_image_size: Side of the training images when they differ from image_size: the shorter
+            side resized to it, then centre-cropped square, no augmentation (needs augment none). For
+            methods that augment on the device (PatientConsistentKD crops image_size crops out of
+            these); null = image_size.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class DistillDataModule(L.LightningDataModule):
         num_classes: int = 10,
         in_channels: int = 3,
         fake_sizes: list[int] = [256, 64, 64],  # noqa: B006 (shown as the CLI default; never mutated)
+        train_image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +103,7 @@ class DistillDataModule(L.LightningDataModule):
         _check_int("image_size", image_size, 1)
         _check_int("train_subset", train_subset, 1)
         _check_int("split_seed", split_seed, 0)
+        _check_int("train_image_size", train_image_size, 1)
         if val_fraction is not None and not 0 < val_fraction < 1:
             raise ConfigError(f"val_fraction={val_fraction} is outside (0, 1); use e.g. 0.1, or null for the default.")
         if dataset == "fake":
@@ -115,6 +121,7 @@ class DistillDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.train_subset = train_subset
         self.download = download
+        self.train_image_size = train_image_size
 
         config = SourceConfig(Path(data_dir).expanduser(), image_size, num_classes, in_channels, list(fake_sizes))
         self._source: Source = SOURCES[dataset](config)  # folder data sets inspect their folders here
@@ -126,6 +133,9 @@ class DistillDataModule(L.LightningDataModule):
 
         self.val_fraction = self._resolve_val_fraction(val_fraction)
         self.augment = self._source.default_preset if augment == "default" else augment
+        if train_image_size is not None and self.augment != "none":
+            raise ConfigError(f"train_image_size={train_image_size} delivers un-augmented training images for "
+                              f"on-device augmentation; it needs augment: none (got {self.augment!r}).")
         self._image_size = image_size or self._source.native_size
         self.mean = self._resolve_stats("mean", mean, self._source.mean)
         self.std = self._resolve_stats("std", std, self._source.std)
@@ -193,7 +203,7 @@ class DistillDataModule(L.LightningDataModule):
         geometry = self._source.geometry(self._image_size)
         evaluation = eval_transform(geometry)
         self._splits = {
-            "train": IndexedSplit(train, train_transform(self.augment, geometry)),
+            "train": IndexedSplit(train, train_transform(self.augment, self._train_geometry(geometry))),
             "val": IndexedSplit(val, evaluation),
             "test": IndexedSplit(raw["test"], evaluation),
         }
@@ -211,10 +221,17 @@ class DistillDataModule(L.LightningDataModule):
         """``distill predict`` runs over the test split, in order."""
         return self.test_dataloader()
 
-    def eval_dataloader(self, split: str = "train") -> DataLoader:
-        """A split in order and without augmentation, e.g. to compute teacher outputs per training image."""
+    def eval_dataloader(self, split: str = "train", view: str = "eval") -> DataLoader:
+        """A split in order and without augmentation, e.g. to compute teacher outputs per training image.
+
+        ``view="eval"``: the evaluation transform; ``view="train"``: the split's own transform (the
+        un-augmented training view when ``augment`` is none, at ``train_image_size``).
+        """
         lookup("split", split, SPLITS, "eval_dataloader")
-        data = self._split(split).with_transform(self._split("val").transform)
+        lookup("view", view, ("eval", "train"), "eval_dataloader")
+        data = self._split(split)
+        if view == "eval":
+            data = data.with_transform(self._split("val").transform)
         return self._loader(data, self.eval_batch_size, shuffle=False)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -236,6 +253,13 @@ class DistillDataModule(L.LightningDataModule):
             drop_last=False,
             collate_fn=NormalizeBatch(self.mean, self.std),
         )
+
+    def _train_geometry(self, geometry: Geometry) -> Geometry:
+        if self.train_image_size is None:
+            return geometry
+        train = self._source.geometry(self.train_image_size)
+        # the whole shorter side, not the 8/7 evaluation crop: on-device crops choose their own region
+        return Geometry(train.size, "resize") if train.mode == "resize_crop" else train
 
     def _carve_val(self, train: SplitData) -> tuple[SplitData, SplitData]:
         count = round(self.val_fraction * len(train))
