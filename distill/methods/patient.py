@@ -49,15 +49,17 @@ class Views:
     mixup: float | None  # the batch's mixup coefficient a ∈ [0.5, 1], None without mixup
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
+def warmup_cosine(warmup_steps: int, total_steps: int | None):
     """big_vision's schedule as a factor of the base rate: ``min(1, s/w) · ½(1 + cos(π·clip((s−w)/(T−w))))``.
 
-    The rate is 0 at step 0 and reaches 0 again at ``total_steps`` (big_vision
+    The rate is 0 at step 0 and reaches 0 again at ``total_steps`` (``None``: warm-up only) (big_vision
     ``utils.create_learning_rate_schedule`` with ``decay_type='cosine'``, ``linear_end=0``).
     """
     def factor(step: int) -> float:
-        progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
         ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        if total_steps is None:
+            return ramp
+        progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
         return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -341,8 +343,9 @@ class PatientConsistentKD(DistillModule):
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
-            total = int(self.trainer.estimated_stepping_batches)
-            if hp.warmup_steps > total:
+            # the run's length is known once a Trainer holds the module; without one, no decay
+            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+            if total is not None and hp.warmup_steps > total:
                 raise ConfigError(f"warmup_steps={hp.warmup_steps} exceeds the run's {total} optimiser steps; "
                                   "lower warmup_steps or train longer.")
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total))
