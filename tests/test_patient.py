@@ -277,6 +277,8 @@ def test_bad_settings_are_config_errors(teacher_file):
         make(teacher_file, crop_scale=[0.5, 0.1])
     with pytest.raises(ConfigError, match="augment: none"):
         fake_datamodule(augment="cifar", train_image_size=24)
+    with pytest.raises(ConfigError, match="set data.augment to none"):
+        tiny_trainer("runs", max_epochs=1).fit(make(teacher_file), datamodule=fake_datamodule(augment="cifar"))
     with pytest.raises(ConfigError, match="warmup_steps"):
         trainer = tiny_trainer("runs", max_epochs=1, limit_train_batches=2, limit_val_batches=0)
         trainer.fit(make(teacher_file, warmup_steps=50), datamodule=fake_datamodule(augment="none"))

@@ -276,6 +276,13 @@ class PatientConsistentKD(DistillModule):
         if views.teacher is not None:
             experiment.add_image("inputs/teacher", grid(views.teacher), self.global_step)
 
+    def setup(self, stage: str) -> None:
+        # a second augmentation in the loaders would crop the crops: fail before training starts
+        data = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and getattr(data, "augment", "none") != "none":
+            raise ConfigError(f"PatientConsistentKD crops, flips and mixes on the device; the data module's augment "
+                              f"is {data.augment!r}: set data.augment to none (and train_image_size for large images).")
+
     # ----------------------------------------------------------------------------------- fixed teacher
     def on_fit_start(self) -> None:
         self._images_logged = False
