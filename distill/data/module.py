@@ -13,7 +13,7 @@ from distill.data.base import Source, SourceConfig
 from distill.data.catalog import SOURCES, lookup
 from distill.data.resident import RESIDENT_PRESETS, DeviceResidentLoader, materialise
 from distill.data.splits import SUBSET_STREAM, VAL_STREAM, EpochShuffle, IndexedSplit, SplitData, split_off, stratified_pick
-from distill.data.transforms import PRESETS, NormalizeBatch, eval_transform, train_transform
+from distill.data.transforms import PRESETS, Geometry, NormalizeBatch, eval_transform, train_transform
 from distill.data.tvsets import TorchvisionSource
 from distill.errors import ConfigError
 
@@ -76,6 +76,10 @@ class DistillDataModule(L.LightningDataModule):
             workers; ``num_workers`` must be 0). Same samples in the same order as the DataLoader path
             for the same seed; for data sets that fit in memory (mnist5k, CIFAR, small folders). See
             :mod:`distill.data.resident`.
+        train_image_size: Side of the training images when they differ from image_size: the shorter
+            side resized to it, then centre-cropped square, no augmentation (needs augment none). For
+            methods that augment on the device (PatientConsistentKD crops image_size crops out of
+            these); null = image_size.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class DistillDataModule(L.LightningDataModule):
         fake_sizes: list[int] = [256, 64, 64],  # noqa: B006 (shown as the CLI default; never mutated)
         exclude_classes: list[int] | None = None,
         device_resident: bool = False,
+        train_image_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -111,6 +116,7 @@ class DistillDataModule(L.LightningDataModule):
         _check_int("image_size", image_size, 1)
         _check_int("train_subset", train_subset, 1)
         _check_int("split_seed", split_seed, 0)
+        _check_int("train_image_size", train_image_size, 1)
         if val_fraction is not None and not 0 < val_fraction < 1:
             raise ConfigError(f"val_fraction={val_fraction} is outside (0, 1); use e.g. 0.1, or null for the default.")
         if dataset == "fake":
@@ -133,6 +139,7 @@ class DistillDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.train_subset = train_subset
         self.download = download
+        self.train_image_size = train_image_size
 
         config = SourceConfig(Path(data_dir).expanduser(), image_size, num_classes, in_channels, list(fake_sizes))
         self._source: Source = SOURCES[dataset](config)  # folder data sets inspect their folders here
@@ -155,6 +162,9 @@ class DistillDataModule(L.LightningDataModule):
         if device_resident and self.augment not in RESIDENT_PRESETS:
             raise ConfigError(f"device_resident: true supports augment {', '.join(RESIDENT_PRESETS)}, not "
                               f"{self.augment!r}; choose one of those or set device_resident: false.")
+        if train_image_size is not None and self.augment != "none":
+            raise ConfigError(f"train_image_size={train_image_size} delivers un-augmented training images for "
+                              f"on-device augmentation; it needs augment: none (got {self.augment!r}).")
         self._image_size = image_size or self._source.native_size
         self.mean = self._resolve_stats("mean", mean, self._source.mean)
         self.std = self._resolve_stats("std", std, self._source.std)
@@ -224,7 +234,7 @@ class DistillDataModule(L.LightningDataModule):
         geometry = self._source.geometry(self._image_size)
         evaluation = eval_transform(geometry)
         self._splits = {
-            "train": IndexedSplit(train, train_transform(self.augment, geometry)),
+            "train": IndexedSplit(train, train_transform(self.augment, self._train_geometry(geometry))),
             "val": IndexedSplit(val, evaluation),
             "test": IndexedSplit(raw["test"], evaluation),
         }
@@ -267,10 +277,17 @@ class DistillDataModule(L.LightningDataModule):
         """``distill predict`` runs over the test split, in order."""
         return self.test_dataloader()
 
-    def eval_dataloader(self, split: str = "train") -> DataLoader:
-        """A split in order and without augmentation, e.g. to compute teacher outputs per training image."""
+    def eval_dataloader(self, split: str = "train", view: str = "eval") -> DataLoader:
+        """A split in order and without augmentation, e.g. to compute teacher outputs per training image.
+
+        ``view="eval"``: the evaluation transform; ``view="train"``: the split's own transform (the
+        un-augmented training view when ``augment`` is none, at ``train_image_size``).
+        """
         lookup("split", split, SPLITS, "eval_dataloader")
-        data = self._split(split).with_transform(self._split("val").transform)
+        lookup("view", view, ("eval", "train"), "eval_dataloader")
+        data = self._split(split)
+        if view == "eval":
+            data = data.with_transform(self._split("val").transform)
         return self._loader(data, self.eval_batch_size, shuffle=False)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -292,6 +309,13 @@ class DistillDataModule(L.LightningDataModule):
             drop_last=False,
             collate_fn=NormalizeBatch(self.mean, self.std),
         )
+
+    def _train_geometry(self, geometry: Geometry) -> Geometry:
+        if self.train_image_size is None:
+            return geometry
+        train = self._source.geometry(self.train_image_size)
+        # the whole shorter side, not the 8/7 evaluation crop: on-device crops choose their own region
+        return Geometry(train.size, "resize") if train.mode == "resize_crop" else train
 
     def _carve_val(self, train: SplitData) -> tuple[SplitData, SplitData]:
         count = round(self.val_fraction * len(train))

@@ -2,7 +2,8 @@
 
 from distill.methods.base import DistillModule
 from distill.methods.baseline_kd import BaselineKD
+from distill.methods.patient import PatientConsistentKD
 from distill.methods.supervised import Supervised
 from distill.methods.teacher_assistant import TeacherAssistantKD
 
-__all__ = ["DistillModule", "Supervised", "BaselineKD", "TeacherAssistantKD"]
+__all__ = ["DistillModule", "Supervised", "BaselineKD", "TeacherAssistantKD", "PatientConsistentKD"]

@@ -1,0 +1,78 @@
+"""Images/s of the batched on-device crop + flip + mixup against a per-sample torchvision pipeline.
+
+    python benchmarks/augment.py                       # CPU, defaults below
+    python benchmarks/augment.py --device cuda --batch 512 --repeats 20
+
+Both pipelines take the same uint8 batch (what the DataModule's workers decode) and return the same
+float32 batch of ``--out`` × ``--out`` crops: per sample, torchvision v2 ``RandomResizedCrop``
+(scale 0.08–1, ratio 3/4–4/3, antialiased) + ``RandomHorizontalFlip``, then stack and mixup (the
+data-loader way); batched, :mod:`distill.augment` (one ``grid_sample`` call, flip included). Figures are the median
+over ``--repeats`` timed runs after one warm-up. Not a test: timings depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torchvision.transforms import v2
+
+from distill import augment
+
+
+def per_sample(images: torch.Tensor, out: int, generator: torch.Generator) -> torch.Tensor:
+    crop = v2.Compose([v2.RandomResizedCrop(out, scale=augment.INCEPTION_SCALE, ratio=augment.INCEPTION_RATIO,
+                                            antialias=True), v2.RandomHorizontalFlip()])
+    batch = torch.stack([crop(image) for image in images]).float()
+    return augment.mixup(batch, generator)[0]
+
+
+def batched(images: torch.Tensor, out: int, generator: torch.Generator) -> torch.Tensor:
+    b, _, h, w = images.shape
+    boxes = augment.sample_inception_boxes(b, h, w, generator)
+    crops = augment.crop_resize(images, boxes, out, flips=augment.sample_flips(b, generator))
+    return augment.mixup(crops, generator)[0]
+
+
+def images_per_s(fn, images: torch.Tensor, out: int, repeats: int, device: torch.device) -> float:
+    generator = torch.Generator().manual_seed(0)
+    fn(images, out, generator)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(images, out, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return len(images) / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=160, help="side of the un-augmented input images")
+    parser.add_argument("--out", type=int, default=128, help="side of the crops")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: one data-loader worker)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
+    # the per-sample pipeline runs where data loaders run (CPU); the batched one on the device
+    slow = images_per_s(per_sample, images, args.out, args.repeats, torch.device("cpu"))
+    fast = images_per_s(batched, images.to(device), args.out, args.repeats, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"batch {args.batch}, {args.size} px -> {args.out} px crops, median of {args.repeats}")
+    print("| pipeline | where | images/s |\n|---|---|---|")
+    print(f"| per-sample torchvision v2 RandomResizedCrop + flip, stack, mixup | CPU, {args.threads} thread(s) | {slow:,.0f} |")
+    print(f"| batched distill.augment (grid_sample) crop + flip + mixup | {name} | {fast:,.0f} |")
+    print(f"speed-up: {fast / slow:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

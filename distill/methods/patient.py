@@ -1,0 +1,396 @@
+"""PatientConsistentKD: Beyer et al. (2022), "Knowledge distillation: A good teacher is patient and consistent".
+
+Official code: google-research/big_vision, ``trainers/proj/distill/distill.py`` and
+``configs/proj/distill/{bit_i1k,bigsweep_flowers_pet,bigsweep_food_sun}.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from distill import augment, teacher_cache
+from distill.errors import ConfigError
+from distill.losses import kd_loss
+from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
+from distill.scaling import scale_learning_rates
+from distill.teachers import load_network
+
+TEACHINGS = ("fixed", "independent", "consistent", "function_matching")
+FIXED_VIEWS = ("central_crop", "resize", "inception_ensemble")
+
+
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers whose logits are averaged (the paper's ensemble teacher)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.stack([member(images).float() for member in self.members]).mean(dim=0)
+
+
+@dataclass
+class Views:
+    """What the student and the teacher see for one batch (``teacher`` is None for a fixed teacher)."""
+
+    student: Tensor
+    teacher: Tensor | None
+    mixup: float | None  # the batch's mixup coefficient a ∈ [0.5, 1], None without mixup
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int | None):
+    """big_vision's schedule as a factor of the base rate: ``min(1, s/w) · ½(1 + cos(π·clip((s−w)/(T−w))))``.
+
+    The rate is 0 at step 0 and reaches 0 again at ``total_steps`` (``None``: warm-up only) (big_vision
+    ``utils.create_learning_rate_schedule`` with ``decay_type='cosine'``, ``linear_end=0``).
+    """
+    def factor(step: int) -> float:
+        ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        if total_steps is None:
+            return ramp
+        progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def decay_groups(modules: list[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(weights, rest)``: tensors of two or more dimensions (conv kernels, linear weights) decay;
+    norms' scales and shifts and all biases (one dimension) do not — big_vision's default
+    ``wd_mults = [('.*/kernel$', 1.0)]``."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+
+
+class PatientConsistentKD(DistillModule):
+    """Function matching: ``L = τ²·KL(p_t^τ ‖ p_s^τ)``, batch mean, no label term (labels feed metrics only).
+
+    **Teaching settings** (``teaching``, paper §3 and Figure 3), all with the same loss:
+
+    * ``fixed`` — the teacher's output per training image is computed once (``fixed_view``:
+      ``central_crop`` = the evaluation view, paper ``fix/cc``; ``resize`` = the whole training image,
+      ``fix/rs``; ``inception_ensemble`` = logits averaged over ``fixed_crops`` inception crops,
+      ``fix/ic_ens``) and cached on disk (:mod:`distill.teacher_cache`); the teacher does not run
+      during training. The student always sees random inception crops (the paper's ``fix/rs`` and
+      ``fix/cc`` give the student a resize / milder crop; narrow ``crop_scale`` to approach those).
+    * ``independent`` — teacher and student see independent random crops (and flips) of each image.
+    * ``consistent`` — one random crop per image, fed to both.
+    * ``function_matching`` (default) — one random crop per image, then mixup of the batch, the
+      identical mixed images fed to both.
+
+    **Augmentation** happens here, on the training device, on un-augmented batches (data
+    ``augment: none``, optionally ``train_image_size`` larger than ``image_size``):
+    :mod:`distill.augment` inception crops (``crop_scale`` 0.08–1, ``crop_ratio`` 3/4–4/3) + flip, and
+    mixup with one ``a ~ Beta(α, α)`` per batch, ``a = max(a, 1−a)``, partner = the batch rolled by one
+    (α = ``mixup_alpha`` = 1, the official ``mixup=dict(p=1.0)``). The student sees ``image_size``
+    crops; the teacher the same crops at ``teacher_image_size`` (T384 → S224 in the paper), cropped
+    from the original image, not resized from the student's view. Random draws come from a generator
+    seeded by ``(global seed, epoch, batch index, global rank)``: a resumed run redraws the same crops,
+    DDP ranks draw different ones, gradient accumulation gets a fresh draw per micro-batch.
+
+    **Recipe** (official configs): Adam with default betas, linear warm-up for ``warmup_steps`` then
+    cosine decay to 0 at the last step, global gradient-norm clipping at ``grad_clip_norm`` = 1.0
+    (unless the Trainer sets its own ``gradient_clip_val``), decoupled weight decay on weights only.
+    big_vision's update is ``−sched(t)·(lr·adam(g) + wd·θ)``: the decay is scaled by the schedule
+    factor but **not** by the base rate. torch's ``AdamW`` subtracts ``lr_t·λ·θ`` with
+    ``lr_t = lr·sched(t)``, so ``λ = weight_decay / lr`` reproduces it exactly at every step (set per
+    parameter group after any ``LRScaling``, so scaling the rate leaves the decay alone). Norm scales
+    and biases get no decay. Giving ``optimizer`` replaces this recipe by the base class's.
+
+    **Teachers.** ``teacher`` may be a list of files (with ``teacher_model`` one name or a list):
+    their logits are averaged. They share ``teacher_image_size``. Validation metrics (agreement, KL)
+    show the teacher the evaluation images resized to ``teacher_image_size``.
+
+    Args:
+        teaching: fixed, independent, consistent or function_matching.
+        temperature: τ (official configs: 1 for ImageNet; 1–10 on the small data sets).
+        teacher_image_size: the teacher's input side; null = the student's (``image_size``).
+        crop_scale: area range of the inception crop, fraction of the image.
+        crop_ratio: aspect-ratio range of the inception crop.
+        flip: random horizontal flips (off for digits).
+        mixup_alpha: α of the mixup Beta distribution (function_matching only).
+        fixed_view: teacher view cached by the fixed teacher: central_crop, resize or inception_ensemble.
+        fixed_crops: number of inception crops averaged by ``inception_ensemble`` (paper: 1,000).
+        teacher_cache: a file for the fixed teacher's outputs; a stale one is an error, never
+            overwritten. null = ``<teacher_cache_dir>/<dataset>-train-<key>.safetensors``.
+        teacher_cache_dir: folder of automatic caches; null = ``<trainer.default_root_dir>/teacher_cache``.
+        lr: Adam's base learning rate.
+        weight_decay: big_vision's ``wd`` (decay per step at schedule factor 1, not multiplied by lr).
+        warmup_steps: linear warm-up optimiser steps (official: 5,000 ImageNet, 1,500 small data sets).
+        grad_clip_norm: global gradient-norm clip; 0 disables.
+        log_images: log what teacher and student saw in the first training batch to TensorBoard.
+    """
+
+    def __init__(
+        self,
+        student: str,
+        teacher: str | list[str | None] | None = None,
+        teacher_model: str | list[str] | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        teacher_pretrained: bool = False,
+        teaching: str = "function_matching",
+        temperature: float = 1.0,
+        teacher_image_size: int | None = None,
+        crop_scale: tuple[float, float] = augment.INCEPTION_SCALE,
+        crop_ratio: tuple[float, float] = augment.INCEPTION_RATIO,
+        flip: bool = True,
+        mixup_alpha: float = 1.0,
+        fixed_view: str = "central_crop",
+        fixed_crops: int = 1000,
+        teacher_cache: str | None = None,
+        teacher_cache_dir: str | None = None,
+        lr: float = 0.003,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 1500,
+        grad_clip_norm: float = 1.0,
+        log_images: bool = True,
+        student_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        lr_scheduler_interval: str = "step",
+    ) -> None:
+        _validate(teaching, temperature, teacher_image_size, crop_scale, crop_ratio, mixup_alpha, fixed_view,
+                  fixed_crops, teacher_cache, lr, weight_decay, warmup_steps, grad_clip_norm)
+        super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
+                         optimizer, lr_scheduler, lr_scheduler_interval)
+        self._attach_teachers(teacher, teacher_model, teacher_kwargs, teacher_pretrained)
+        self.teaching = teaching
+        self.cached_logits: Tensor | None = None  # the fixed teacher's outputs, per training index
+        self.cache_path: Path | None = None
+        self._batch: tuple[Tensor, int] | None = None  # (indices, batch_idx) of the current step
+        self._images_logged = False
+
+    # ----------------------------------------------------------------------------------- teachers
+    def _attach_teachers(self, paths: Any, models: Any, kwargs: dict[str, Any] | None, pretrained: bool) -> None:
+        if not isinstance(paths, (list, tuple)):
+            self.attach_teacher(paths, models, kwargs, pretrained)
+            return
+        models = list(models) if isinstance(models, (list, tuple)) else [models] * len(paths)
+        if len(models) != len(paths) or not paths:
+            raise ConfigError(f"teacher lists {len(paths)} files but teacher_model {len(models)} names; "
+                              "give one teacher_model, or one per teacher.")
+        loaded = [load_network(path, model, num_classes=self.hparams.num_classes,
+                               in_channels=self.hparams.in_channels, image_size=self.hparams.image_size,
+                               model_kwargs=kwargs, pretrained=pretrained) for path, model in zip(paths, models)]
+        ensemble = TeacherEnsemble([member.network.eval() for member in loaded])
+        ensemble.requires_grad_(False)
+        members = [member.describe() for member in loaded]
+        fingerprints = [m["sha256"] or teacher_cache.tensors_sha256(n.network) for m, n in zip(members, loaded)]
+        self.teacher = ensemble
+        self.teacher_info = {"path": [m["path"] for m in members], "members": members,
+                             "sha256": hashlib.sha256("".join(fingerprints).encode()).hexdigest()}
+
+    @torch.no_grad()
+    def teacher_logits(self, images: Tensor) -> Tensor:
+        """The (ensemble-averaged) teacher logits, the images resized to ``teacher_image_size`` first."""
+        size = self.hparams.teacher_image_size
+        if size and tuple(images.shape[-2:]) != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=images.shape[-1] > size)
+        return super().teacher_logits(images)
+
+    # ----------------------------------------------------------------------------------- views
+    @property
+    def crop_size(self) -> int | None:
+        return self.hparams.image_size
+
+    def make_views(self, images: Tensor, generator: torch.Generator) -> Views:
+        """The student's and the teacher's inputs for one batch of un-augmented images, per ``teaching``."""
+        hp = self.hparams
+        batch, _, height, width = images.shape
+        size = self.crop_size or height
+        teacher_size = hp.teacher_image_size or size
+
+        def crops() -> tuple[Tensor, Tensor | None]:
+            boxes = augment.sample_inception_boxes(batch, height, width, generator, hp.crop_scale, hp.crop_ratio)
+            return boxes, augment.sample_flips(batch, generator) if hp.flip else None
+
+        boxes, flips = crops()
+        student = augment.crop_resize(images, boxes, size, flips)
+        if self.teaching == "fixed":
+            return Views(student, None, None)
+        if self.teaching == "independent":
+            boxes, flips = crops()
+            return Views(student, augment.crop_resize(images, boxes, teacher_size, flips), None)
+        teacher = student if teacher_size == size else augment.crop_resize(images, boxes, teacher_size, flips)
+        if self.teaching == "consistent":
+            return Views(student, teacher, None)
+        a = augment.sample_mixup(generator, hp.mixup_alpha)
+        student = augment.mix(student, a)
+        return Views(student, student if teacher_size == size else augment.mix(teacher, a), a)
+
+    def batch_generator(self, batch_idx: int) -> torch.Generator:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return augment.batch_generator(torch.initial_seed(), self.current_epoch, batch_idx, rank)
+
+    # ----------------------------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        # the fixed teacher looks its outputs up by sample index, which training_losses does not receive
+        self._batch = (batch[2], batch_idx)
+        return super().training_step(batch, batch_idx)
+
+    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        indices, batch_idx = self._batch if self._batch is not None else (None, 0)
+        views = self.make_views(images, self.batch_generator(batch_idx))
+        if self.teaching == "fixed":
+            if self.cached_logits is None or indices is None:
+                raise RuntimeError("fixed teaching needs the teacher cache, built in on_fit_start")
+            teacher = self.cached_logits[indices.to(self.cached_logits.device)]
+        else:
+            teacher = self.teacher_logits(views.teacher)
+        logits = self.student(views.student)
+        if not self._images_logged:
+            self._log_views(views)
+        return logits, {"loss": kd_loss(logits, teacher, self.hparams.temperature)}
+
+    def _log_views(self, views: Views) -> None:
+        self._images_logged = True
+        if self._trainer is None or self.global_rank != 0:
+            return
+        experiment = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if experiment is None:
+            return
+        from torchvision.utils import make_grid
+
+        def grid(images: Tensor) -> Tensor:
+            images = images[:16].detach().float().cpu()
+            if images.shape[-1] != views.student.shape[-1]:
+                images = F.interpolate(images, size=views.student.shape[-2:], mode="bilinear", align_corners=False)
+            return make_grid(images, nrow=8, normalize=True, scale_each=True)
+
+        experiment.add_image("inputs/student", grid(views.student), self.global_step)
+        if views.teacher is not None:
+            experiment.add_image("inputs/teacher", grid(views.teacher), self.global_step)
+
+    def setup(self, stage: str) -> None:
+        # a second augmentation in the loaders would crop the crops: fail before training starts
+        data = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and getattr(data, "augment", "none") != "none":
+            raise ConfigError(f"PatientConsistentKD crops, flips and mixes on the device; the data module's augment "
+                              f"is {data.augment!r}: set data.augment to none (and train_image_size for large images).")
+
+    # ----------------------------------------------------------------------------------- fixed teacher
+    def on_fit_start(self) -> None:
+        self._images_logged = False
+        if self.teaching == "fixed":
+            logits, status = self.load_teacher_cache()
+            self.cached_logits = logits.to(self.device)
+            if self.trainer.is_global_zero:
+                print(f"PatientConsistentKD: teacher cache {self.cache_path} {status} ({len(logits)} images)")
+
+    def load_teacher_cache(self) -> tuple[Tensor, str]:
+        """Loads the fixed teacher's outputs for every training image, computing them if needed."""
+        data = getattr(self.trainer, "datamodule", None)
+        if data is None or not hasattr(data, "eval_dataloader"):
+            raise ConfigError("teaching: fixed needs the DistillDataModule (it reads the training split in order).")
+        hp = self.hparams
+        split = data.eval_dataloader("train").dataset  # the training split, its labels and source positions
+        view = json.dumps({"view": hp.fixed_view, "teacher_size": hp.teacher_image_size or data.image_size,
+                           "image_size": data.image_size, "train_image_size": data.train_image_size,
+                           "mean": list(data.mean), "std": list(data.std),
+                           **({"crops": hp.fixed_crops, "scale": list(hp.crop_scale), "ratio": list(hp.crop_ratio)}
+                              if hp.fixed_view == "inception_ensemble" else {})}, sort_keys=True)
+        key = teacher_cache.CacheKey(
+            teacher=teacher_cache.teacher_fingerprint(self.teacher, self.teacher_info), view=view,
+            data=teacher_cache.data_fingerprint(data.hparams["dataset"], "train", split.labels, split.source_indices),
+        )
+        if hp.teacher_cache:
+            path, pinned = Path(hp.teacher_cache), True
+        else:
+            folder = hp.teacher_cache_dir or Path(self.trainer.default_root_dir) / "teacher_cache"
+            path, pinned = teacher_cache.default_path(folder, key, data.hparams["dataset"]), False
+        self.cache_path = path
+
+        def build() -> Tensor:
+            loader = data.eval_dataloader("train", view="eval" if hp.fixed_view == "central_crop" else "train")
+            return teacher_cache.compute(loader, self._fixed_teacher_outputs, len(split), self.device)
+
+        return teacher_cache.load_or_build(key, len(split), build, path, pinned=pinned,
+                                           strategy=self.trainer.strategy, local_rank=self.trainer.local_rank)
+
+    def _fixed_teacher_outputs(self, images: Tensor) -> Tensor:
+        hp = self.hparams
+        size = hp.teacher_image_size or self.crop_size or images.shape[-1]
+        if hp.fixed_view != "inception_ensemble":  # central_crop: the eval view; resize: the whole image
+            return self.teacher_logits(augment.crop_resize(images, augment.central_boxes(len(images), *images.shape[-2:]), size))
+        batch, _, height, width = images.shape
+        total = torch.zeros(batch, self.hparams.num_classes, device=images.device)
+        for crop in range(hp.fixed_crops):  # the same crops for every run with this seed, cache key included
+            generator = augment.batch_generator(0, crop)
+            boxes = augment.sample_inception_boxes(batch, height, width, generator, hp.crop_scale, hp.crop_ratio)
+            flips = augment.sample_flips(batch, generator) if hp.flip else None
+            total += self.teacher_logits(augment.crop_resize(images, boxes, size, flips)).float()
+        return total / hp.fixed_crops
+
+    # ----------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is not None:
+            return super().configure_optimizers()
+        hp = self.hparams
+        weights, rest = decay_groups(self.trainable_modules())
+        optimizer = torch.optim.AdamW([{"params": weights, "decoupled_wd": hp.weight_decay},
+                                       {"params": rest, "decoupled_wd": 0.0}], lr=hp.lr)
+        scale_learning_rates(self._trainer, optimizer)
+        for group in optimizer.param_groups:  # AdamW decays by lr·λ: λ = wd / lr leaves wd·sched(t)
+            group["weight_decay"] = group["decoupled_wd"] / group["lr"]
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            # the run's length is known once a Trainer holds the module; without one, no decay
+            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+            if total is not None and hp.warmup_steps > total:
+                raise ConfigError(f"warmup_steps={hp.warmup_steps} exceeds the run's {total} optimiser steps; "
+                                  "lower warmup_steps or train longer.")
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": hp.lr_scheduler_interval}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if gradient_clip_val is None and self.hparams.grad_clip_norm:
+            gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
+
+def _validate(teaching: str, temperature: float, teacher_image_size: int | None, crop_scale: Any, crop_ratio: Any,
+              mixup_alpha: float, fixed_view: str, fixed_crops: int, cache: str | None, lr: float,
+              weight_decay: float, warmup_steps: int, grad_clip_norm: float) -> None:
+    if teaching not in TEACHINGS:
+        raise ConfigError(f"teaching={teaching!r} is not one of {', '.join(TEACHINGS)}.")
+    if fixed_view not in FIXED_VIEWS:
+        raise ConfigError(f"fixed_view={fixed_view!r} is not one of {', '.join(FIXED_VIEWS)}.")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}; the paper sweeps 1, 2, 5, 10.")
+    if teacher_image_size is not None and teacher_image_size < 1:
+        raise ConfigError(f"teacher_image_size={teacher_image_size} must be a positive size, or null.")
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ConfigError(f"crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1.")
+    if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
+        raise ConfigError(f"crop_ratio={list(crop_ratio)} must be [low, high] with 0 < low <= high.")
+    if not mixup_alpha > 0:
+        raise ConfigError(f"mixup_alpha={mixup_alpha} must be > 0 (1 is the official Beta(1, 1)).")
+    if fixed_crops < 1:
+        raise ConfigError(f"fixed_crops={fixed_crops} must be at least 1.")
+    if cache is not None and teaching != "fixed":
+        raise ConfigError(f"teacher_cache is only used by teaching: fixed (teaching is {teaching!r}); remove it.")
+    if not lr > 0 or weight_decay < 0 or warmup_steps < 0 or grad_clip_norm < 0:
+        raise ConfigError(f"need lr > 0, weight_decay >= 0, warmup_steps >= 0 and grad_clip_norm >= 0; got lr={lr}, "
+                          f"weight_decay={weight_decay}, warmup_steps={warmup_steps}, grad_clip_norm={grad_clip_norm}.")
+
+
+__all__ = ["PatientConsistentKD", "TeacherEnsemble", "Views", "warmup_cosine", "decay_groups", "TEACHINGS"]

@@ -1,0 +1,353 @@
+"""PatientConsistentKD (Beyer et al. 2022): on-device augmentation, the four teaching settings, the
+fixed teacher's cache, and the optimisation recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from torchvision.transforms.v2 import functional as TF
+
+from conftest import FAKE, REPO, fake_datamodule, tiny_trainer, write_teacher
+from distill import augment, teacher_cache
+from distill.cli import DistillCLI, main
+from distill.errors import ConfigError
+from distill.methods import PatientConsistentKD
+from distill.methods.patient import decay_groups, warmup_cosine
+from distill.run import load_results
+
+GEOMETRY = dict(num_classes=10, in_channels=3, image_size=16)
+
+
+def make(teacher, teaching="function_matching", **kwargs) -> PatientConsistentKD:
+    options = dict(student="resnet8", teacher=str(teacher), teaching=teaching, warmup_steps=0, **GEOMETRY)
+    return PatientConsistentKD(**{**options, **kwargs})
+
+
+def batch(n=8, size=16, seed=0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------- augmentation
+def test_inception_boxes_follow_the_distribution():
+    boxes = augment.sample_inception_boxes(4000, 40, 30, torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 30 + 1e-4).all() and (boxes[:, 3] <= 40 + 1e-4).all()
+    fallback = (w == 30) & (h == 40)
+    area, ratio = (w * h / 1200)[~fallback], (w / h)[~fallback]
+    assert fallback.float().mean() < 0.05
+    assert area.min() >= 0.08 - 1e-5 and area.max() <= 1 + 1e-5
+    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+    again = augment.sample_inception_boxes(4000, 40, 30, torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, again)
+
+
+def test_crop_resize_matches_a_per_sample_bilinear_crop():
+    images = batch(3, 20)
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [2.0, 4.0, 14.0, 16.0], [5.0, 1.0, 15.0, 19.0]])
+    out = augment.crop_resize(images, boxes, 12)
+    for k, (image, box, crop) in enumerate(zip(images, boxes.int().tolist(), out)):
+        x1, y1, x2, y2 = box
+        # the official crop: slice, then bilinear at half-pixel centres without anti-aliasing
+        reference = TF.resized_crop(image, y1, x1, y2 - y1, x2 - x1, [12, 12], antialias=False)
+        # the outermost output pixels of a box inside the image blend in the pixels just outside it
+        # instead of clamping at the box edge; everything else is the same computation
+        inner = (slice(None), slice(None), slice(None)) if k == 0 else (slice(None), slice(1, -1), slice(1, -1))
+        torch.testing.assert_close(crop[inner], reference[inner], atol=1e-5, rtol=0)
+    torch.testing.assert_close(augment.crop_resize(images, augment.central_boxes(3, 20, 20), 20), images)
+    flips = torch.tensor([True, False, True])
+    torch.testing.assert_close(augment.crop_resize(images, boxes, 12, flips), augment.flip(out, flips))
+
+
+def test_mixup_coefficient_and_partner():
+    generator = torch.Generator().manual_seed(0)
+    coefficients = [augment.sample_mixup(generator) for _ in range(2000)]
+    assert min(coefficients) >= 0.5 and max(coefficients) <= 1.0
+    assert abs(sum(coefficients) / len(coefficients) - 0.75) < 0.02  # max(U, 1−U) ~ U[0.5, 1]
+    images = batch(5)
+    mixed, a = augment.mixup(images, generator, alpha=0.4)
+    assert 0.5 <= a <= 1.0
+    torch.testing.assert_close(mixed[1], a * images[1] + (1 - a) * images[0])
+    torch.testing.assert_close(mixed[0], a * images[0] + (1 - a) * images[4])
+
+
+# ----------------------------------------------------------------------------------- teaching settings
+def _inputs_seen(model: PatientConsistentKD, teaching_batches: int = 1) -> tuple[list, list]:
+    """Runs real training steps and records the tensors that student and teacher were called with."""
+    seen_student, seen_teacher = [], []
+    model.student.register_forward_pre_hook(lambda m, args: seen_student.append(args[0].detach().clone())
+                                            if m.training else None)
+    model.teacher.register_forward_pre_hook(lambda m, args: seen_teacher.append(args[0].detach().clone())
+                                            if model.trainer.training else None)
+    trainer = tiny_trainer("runs", max_epochs=1, limit_train_batches=teaching_batches, limit_val_batches=0)
+    trainer.fit(model, datamodule=fake_datamodule(augment="none"))
+    return seen_student, seen_teacher
+
+
+@pytest.mark.parametrize("teaching", ["consistent", "function_matching"])
+def test_teacher_and_student_receive_identical_tensors(teacher_file, teaching):
+    student, teacher = _inputs_seen(make(teacher_file, teaching))
+    assert len(student) == len(teacher) == 1
+    assert torch.equal(student[0], teacher[0])
+
+
+def test_function_matching_feeds_the_same_mixture_at_the_teachers_resolution(teacher_file):
+    model = make(teacher_file, "function_matching", teacher_image_size=24)
+    images = batch(6, 20)
+    views = model.make_views(images, augment.batch_generator(1, 2))
+    generator = augment.batch_generator(1, 2)  # the same draws, replayed
+    boxes = augment.sample_inception_boxes(6, 20, 20, generator)
+    flips = augment.sample_flips(6, generator)
+    a = augment.sample_mixup(generator)
+    assert views.mixup == a and 0.5 <= a <= 1
+    torch.testing.assert_close(views.student, augment.mix(augment.crop_resize(images, boxes, 16, flips), a))
+    torch.testing.assert_close(views.teacher, augment.mix(augment.crop_resize(images, boxes, 24, flips), a))
+
+
+def test_independent_views_differ(teacher_file):
+    student, teacher = _inputs_seen(make(teacher_file, "independent"))
+    assert student[0].shape == teacher[0].shape and not torch.allclose(student[0], teacher[0])
+    views = make(teacher_file, "consistent").make_views(batch(), augment.batch_generator(0))
+    assert torch.equal(views.student, views.teacher) and views.mixup is None
+
+
+def test_draws_depend_on_seed_epoch_batch_and_rank():
+    draws = {keys: augment.sample_inception_boxes(4, 16, 16, augment.batch_generator(*keys))
+             for keys in [(0, 0, 0, 0), (0, 0, 1, 0), (0, 1, 0, 0), (0, 0, 0, 1), (1, 0, 0, 0)]}
+    values = list(draws.values())
+    assert all(not torch.equal(values[0], other) for other in values[1:])
+    assert torch.equal(values[0], augment.sample_inception_boxes(4, 16, 16, augment.batch_generator(0, 0, 0, 0)))
+
+
+# ----------------------------------------------------------------------------------- fixed teacher
+def _count_teacher_calls(model: PatientConsistentKD) -> dict:
+    calls = {"build": 0, "train": 0}
+    model.teacher.register_forward_pre_hook(
+        lambda m, args: calls.__setitem__("train" if model.trainer.training and model._batch else "build",
+                                          calls["train" if model.trainer.training and model._batch else "build"] + 1))
+    return calls
+
+
+def _fit_fixed(model, **kwargs):
+    trainer = tiny_trainer("runs", max_epochs=1, limit_val_batches=0, **kwargs)
+    trainer.fit(model, datamodule=fake_datamodule(augment="none"))
+    return trainer
+
+
+def test_fixed_teacher_is_cached_and_never_runs_in_training(teacher_file, tmp_path):
+    first = make(teacher_file, "fixed")
+    calls = _count_teacher_calls(first)
+    _fit_fixed(first)
+    assert calls == {"build": 3, "train": 0}  # 96 training images, eval batches of 32
+    path = first.cache_path
+    assert path.is_file() and path.parent == tmp_path / "teacher_cache"  # <default_root_dir>/teacher_cache
+    # the cache holds the teacher's outputs on the evaluation view of every training image, by index
+    data = fake_datamodule(augment="none")
+    images, _, indices = next(iter(data.eval_dataloader("train")))
+    first.teacher.eval()
+    torch.testing.assert_close(first.cached_logits[indices], first.teacher(images), atol=1e-5, rtol=1e-5)
+
+    second = make(teacher_file, "fixed")
+    calls = _count_teacher_calls(second)
+    before = path.stat().st_mtime_ns
+    _fit_fixed(second)
+    assert calls == {"build": 0, "train": 0} and path.stat().st_mtime_ns == before
+
+
+def test_changed_teacher_invalidates_the_cache(teacher_file, tmp_path):
+    model = make(teacher_file, "fixed")
+    _fit_fixed(model)
+    other = write_teacher(tmp_path / "other.safetensors", seed=1)
+    changed = make(other, "fixed")
+    calls = _count_teacher_calls(changed)
+    _fit_fixed(changed)
+    assert calls["build"] == 3 and changed.cache_path != model.cache_path
+    assert not torch.allclose(changed.cached_logits, model.cached_logits)
+    # a stale file where this key's cache should be (here: the first teacher's) is detected and rebuilt
+    changed.cache_path.write_bytes(model.cache_path.read_bytes())
+    again = make(other, "fixed")
+    calls = _count_teacher_calls(again)
+    _fit_fixed(again)
+    assert calls["build"] == 3
+    torch.testing.assert_close(again.cached_logits, changed.cached_logits)
+    # so is a truncated (partial) one
+    again.cache_path.write_bytes(again.cache_path.read_bytes()[:200])
+    last = make(other, "fixed")
+    calls = _count_teacher_calls(last)
+    _fit_fixed(last)
+    assert calls["build"] == 3
+
+
+def test_a_pinned_stale_cache_is_an_error_and_kept(teacher_file, tmp_path):
+    pinned = tmp_path / "mine.safetensors"
+    _fit_fixed(make(teacher_file, "fixed", teacher_cache=str(pinned)))
+    content = pinned.read_bytes()
+    other = write_teacher(tmp_path / "other.safetensors", seed=1)
+    with pytest.raises(ConfigError, match="other teacher"):
+        _fit_fixed(make(other, "fixed", teacher_cache=str(pinned)))
+    assert pinned.read_bytes() == content
+
+
+def test_cache_key_covers_the_data(teacher_file):
+    labels = torch.arange(10).numpy()
+    one = teacher_cache.data_fingerprint("fake", "train", labels)
+    assert one != teacher_cache.data_fingerprint("fake", "train", labels[::-1].copy())
+    assert one != teacher_cache.data_fingerprint("mnist5k", "train", labels)
+    key = teacher_cache.CacheKey("t", "v", one)
+    other = teacher_cache.CacheKey("t", "v", teacher_cache.data_fingerprint("fake", "train", labels[:9]))
+    assert key.digest() != other.digest() and key.differences(other) == ["data"]
+
+
+# ----------------------------------------------------------------------------------- recipe
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(10, 110)
+    assert factor(0) == 0 and factor(5) == 0.5 and factor(10) == 1.0
+    assert math.isclose(factor(60), 0.5) and math.isclose(factor(110), 0.0, abs_tol=1e-12)
+
+
+def test_weight_decay_skips_norms_and_biases_and_is_not_multiplied_by_lr(teacher_file):
+    model = make(teacher_file, "consistent", lr=0.01, weight_decay=1e-3)
+    trainer = tiny_trainer("runs", max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=fake_datamodule(augment="none"))
+    weights, rest = trainer.optimizers[0].param_groups
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and p.dim() >= 2 for p in weights["params"])
+    rest_names = [names[id(p)] for p in rest["params"]]
+    assert any("bn" in n for n in rest_names) and any(n.endswith("bias") for n in rest_names)
+    assert all(p.dim() == 1 for p in rest["params"]) and rest["weight_decay"] == 0
+    assert math.isclose(weights["weight_decay"], 1e-3 / 0.01)
+    assert len(weights["params"]) + len(rest["params"]) == len(list(model.student.parameters()))
+    norm = torch.nn.GroupNorm(2, 4)
+    assert decay_groups([norm]) == ([], list(norm.parameters()))
+    # with AdamW's coupling, a weight without gradient shrinks by sched·wd per step, whatever lr is
+    for lr in (0.1, 0.001):
+        theta = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([{"params": [theta], "weight_decay": 1e-3 / lr}], lr=lr)
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.25)  # schedule factor 0.25
+        theta.grad = torch.zeros(3)
+        optimizer.step()
+        torch.testing.assert_close(theta.detach(), torch.full((3,), 1 - 0.25 * 1e-3))
+
+
+def test_gradient_clipping_caps_the_global_norm(teacher_file):
+    norms = {}
+
+    class Recorder(PatientConsistentKD):
+        def training_losses(self, images, labels):
+            logits, losses = super().training_losses(images, labels)
+            return logits, {"loss": losses["loss"] * 1e4}  # gradients far above norm 1
+
+        def on_before_optimizer_step(self, optimizer):
+            norms["before"] = _global_norm(self.student)
+
+        def on_train_start(self):
+            super().on_train_start()
+            # Adam leaves .grad alone, so after the step the gradients are those Lightning clipped
+            self.trainer.optimizers[0].register_step_post_hook(
+                lambda *_: norms.__setitem__("after", _global_norm(self.student)))
+
+    model = Recorder(student="resnet8", teacher=str(teacher_file), teaching="consistent", warmup_steps=0, **GEOMETRY)
+    trainer = tiny_trainer("runs", max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=fake_datamodule(augment="none"))
+    assert norms["before"] > 10 and norms["after"] <= 1.0 + 1e-4
+
+
+def _global_norm(module):
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+
+
+def test_teacher_ensemble_averages_logits(teacher_file, tmp_path):
+    other = write_teacher(tmp_path / "other.safetensors", seed=1)
+    model = PatientConsistentKD(student="resnet8", teacher=[str(teacher_file), str(other)], **GEOMETRY)
+    single = [PatientConsistentKD(student="resnet8", teacher=str(p), **GEOMETRY) for p in (teacher_file, other)]
+    images = batch(4)
+    expected = (single[0].teacher_logits(images) + single[1].teacher_logits(images)) / 2
+    torch.testing.assert_close(model.teacher_logits(images), expected)
+    assert len(model.teacher_info["members"]) == 2 and model.teacher_info["sha256"]
+
+
+def test_bad_settings_are_config_errors(teacher_file):
+    with pytest.raises(ConfigError, match="teaching"):
+        make(teacher_file, "functional_matching")
+    with pytest.raises(ConfigError, match="only used by teaching: fixed"):
+        make(teacher_file, "consistent", teacher_cache="x.safetensors")
+    with pytest.raises(ConfigError, match="crop_scale"):
+        make(teacher_file, crop_scale=[0.5, 0.1])
+    with pytest.raises(ConfigError, match="augment: none"):
+        fake_datamodule(augment="cifar", train_image_size=24)
+    with pytest.raises(ConfigError, match="set data.augment to none"):
+        tiny_trainer("runs", max_epochs=1).fit(make(teacher_file), datamodule=fake_datamodule(augment="cifar"))
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        trainer = tiny_trainer("runs", max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+        trainer.fit(make(teacher_file, warmup_steps=50), datamodule=fake_datamodule(augment="none"))
+
+
+def test_train_image_size_delivers_larger_training_images():
+    data = fake_datamodule(augment="none", train_image_size=24)
+    assert next(iter(data.train_dataloader()))[0].shape[-1] == 24
+    assert next(iter(data.val_dataloader()))[0].shape[-1] == 16
+    assert next(iter(data.eval_dataloader("train", view="train")))[0].shape[-1] == 24
+
+
+# ----------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("teaching", ["fixed", "independent", "consistent", "function_matching"])
+def test_cli_runs_each_setting(teacher_file, tmp_path, teaching):
+    fake = [f"--data.{k}={v}" for k, v in FAKE.items() if k != "fake_sizes"]
+    cli = main(["fit", "--model", "PatientConsistentKD", "--model.student", "mlp_30_30",
+                "--model.teacher", str(teacher_file), "--model.teaching", teaching, "--model.warmup_steps", "2",
+                "--model.teacher_image_size", "16", "--data.augment", "none", "--data.train_image_size", "20",
+                *fake, "--data.fake_sizes", "[64, 32, 32]", "--trainer.max_epochs", "2",
+                "--trainer.check_val_every_n_epoch", "2", "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false"])
+    results = load_results(cli.results["run_dir"])
+    assert results["method"] == "PatientConsistentKD" and results["epochs"] == 2
+    assert 0 <= results["test_acc"] <= 1 and results["test"]["test/agreement"] is not None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(results["run_dir"], size_guidance={"images": 0}).Reload()
+    expected = {"inputs/student"} if teaching == "fixed" else {"inputs/student", "inputs/teacher"}
+    assert set(events.Tags()["images"]) == expected
+
+
+PAPER_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "patient" in p.parts)
+
+
+def test_paper_configs_exist_for_every_table():
+    datasets = {p.parts[-3] for p in PAPER_CONFIGS}
+    assert datasets == {"flowers102", "oxford_pets", "food101", "sun397", "imagenet"}
+    for config in PAPER_CONFIGS:
+        text = yaml.safe_load(config.read_text())
+        data, init = text["data"], text["model"]["init_args"]
+        assert data["augment"] == "none" and data["train_image_size"] > data["image_size"], config
+        assert data["persistent_workers"] and text["trainer"]["check_val_every_n_epoch"] > 1, config
+        assert init["grad_clip_norm"] == 1.0 and init["teaching"] in ("fixed", "consistent", "function_matching")
+        assert isinstance(init["weight_decay"], float) and init["warmup_steps"] in (1500, 5000), config
+
+
+def _one_per_data_set(config):
+    # instantiating a config costs seconds: one per data set in the default suite, the rest marked slow
+    keep = config.stem in ("function_matching_fast", "function_matching")
+    return pytest.param(config, id="/".join(config.parts[-3:]), marks=() if keep else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("config", [_one_per_data_set(c) for c in PAPER_CONFIGS])
+def test_paper_configs_instantiate(config, tmp_path):
+    """Each paper config with fake data and small stand-ins for the BiT networks; the rest as written."""
+    text = yaml.safe_load(config.read_text())
+    teacher = write_teacher(tmp_path / "teacher.safetensors", model="resnet8", image_size=32)
+    cli = DistillCLI(args=["--config", str(config), "--data.dataset", "fake", "--data.image_size", "32",
+                           "--data.train_image_size", "40", "--data.num_workers", "0",
+                           "--model.init_args.student", "resnet8", "--model.init_args.teacher", str(teacher),
+                           "--model.init_args.teacher_model", "resnet8", "--model.init_args.teacher_image_size",
+                           "32"], run=False)
+    expected = text["model"]["init_args"]
+    assert isinstance(cli.model, PatientConsistentKD)
+    for key in ("teaching", "temperature", "lr", "weight_decay", "warmup_steps", "grad_clip_norm"):
+        assert cli.model.hparams[key] == expected[key], key
+    assert expected["student"] == "timm.resnetv2_50x1_bit" and expected["teacher_model"] == "timm.resnetv2_152x2_bit"
+    assert cli.trainer.max_epochs == text["trainer"]["max_epochs"]
+    assert cli.trainer.check_val_every_n_epoch == text["trainer"]["check_val_every_n_epoch"]
+    assert text["data"]["augment"] == "none" and text["data"]["train_image_size"] > text["data"]["image_size"]
+    assert cli.model.configure_optimizers() is not None
