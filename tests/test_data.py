@@ -475,6 +475,7 @@ def test_unknown_names_suggest_the_close_one(kwargs, expected):
     ({"dataset": "fake", "fake_sizes": [10, 10]}, "fake_sizes"),
     ({"dataset": "fake", "num_classes": 1}, "num_classes"),
     ({"exclude_classes": [10]}, "exclude_classes"),
+    ({"train_image_size": 32, "augment": "none", "device_resident": True}, "cannot be combined"),
     ({"exclude_classes": list(range(10))}, "at least one class"),
 ])
 def test_bad_values_are_config_errors(kwargs, expected):
