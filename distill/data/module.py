@@ -165,6 +165,9 @@ class DistillDataModule(L.LightningDataModule):
         if train_image_size is not None and self.augment != "none":
             raise ConfigError(f"train_image_size={train_image_size} delivers un-augmented training images for "
                               f"on-device augmentation; it needs augment: none (got {self.augment!r}).")
+        if train_image_size is not None and device_resident:
+            raise ConfigError("train_image_size and device_resident cannot be combined yet (device-resident splits "
+                              "are stored at image_size); set one of them to its default.")
         self._image_size = image_size or self._source.native_size
         self.mean = self._resolve_stats("mean", mean, self._source.mean)
         self.std = self._resolve_stats("std", std, self._source.std)
