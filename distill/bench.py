@@ -143,14 +143,28 @@ def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
     return build
 
 
-#: Method rows, in table order. New methods add one entry per measured setting or stage, e.g. a
-#: teacher-output cache: ``METHODS["BaselineKD+cache"] = MethodBench(build, bound_networks=...)`` where
-#: ``build`` fills the cache for ``context.batches`` (their ``indices`` are distinct) before returning
-#: the module, and ``bound_networks`` returns ``(module.student, [])``: with the teacher's outputs
-#: stored, the bound is the student's step alone, and the row compares directly with Supervised's.
+def _cached_kd(context: BenchContext) -> DistillModule:
+    # The teacher's outputs for the benchmark's batches, computed once as the cache would hold them.
+    module = BaselineKD(context.pair.student, teacher=context.network_file("teacher"), **context.geometry)
+    size = sum(len(indices) for _, _, indices in context.batches)
+    logits = torch.empty(size, context.pair.num_classes)
+    for images, _, indices in context.batches:
+        logits[indices.cpu()] = module.teacher_logits(images.cpu()).float()
+    module.cached_logits = logits
+    return module
+
+
+def _student_alone(module: DistillModule) -> tuple[nn.Module, list[nn.Module]]:
+    return module.active_network(), []
+
+
+#: Method rows, in table order. New methods add one entry per measured setting or stage.
+#: ``BaselineKD+cache`` looks the teacher's logits up (``cache_teacher_outputs``): its bound is the
+#: student's step alone, so the row compares directly with Supervised's.
 METHODS: dict[str, MethodBench] = {
     "Supervised": MethodBench(lambda c: Supervised(c.pair.student, **c.geometry), teacher_role=None),
     "BaselineKD": MethodBench(lambda c: BaselineKD(c.pair.student, teacher=c.network_file("teacher"), **c.geometry)),
+    "BaselineKD+cache": MethodBench(_cached_kd, bound_networks=_student_alone),
     "TeacherAssistantKD/ta1": MethodBench(_takd_stage("ta1"), student_role="assistant"),
     "TeacherAssistantKD/student": MethodBench(_takd_stage("student"), teacher_role="assistant"),
 }

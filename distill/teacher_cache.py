@@ -185,5 +185,47 @@ def load_or_build(
     return logits, status
 
 
-__all__ = ["CacheKey", "data_fingerprint", "tensors_sha256", "teacher_fingerprint", "default_path", "read",
+def load_for_training_split(
+    module: Any,
+    view: Mapping[str, Any],
+    outputs: Callable[[Tensor], Tensor],
+    loader_view: str = "train",
+    path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[Tensor, str, Path]:
+    """The cached teacher outputs of every training image of a method's fit, built if needed.
+
+    ``module`` is a :class:`~distill.methods.DistillModule` attached to a Trainer with a
+    :class:`~distill.data.DistillDataModule`; ``view`` describes how ``outputs`` (the teacher, on the
+    images of ``data.eval_dataloader("train", view=loader_view)``) sees each image; the data module's
+    geometry and normalisation are added to it. ``path`` pins the file (a stale one is an error);
+    otherwise the file goes to ``cache_dir`` (default ``<trainer.default_root_dir>/teacher_cache``).
+    Returns ``(logits on CPU, status, path)``.
+    """
+    trainer = module.trainer
+    data = getattr(trainer, "datamodule", None)
+    if data is None or not hasattr(data, "eval_dataloader"):
+        raise ConfigError(f"{type(module).__name__}'s teacher cache needs the DistillDataModule "
+                          "(it reads the training split in order).")
+    split = data.eval_dataloader("train").dataset  # the training split, its labels and source positions
+    described = json.dumps({**view, "image_size": data.image_size,
+                            "train_image_size": getattr(data, "train_image_size", None),
+                            "mean": list(data.mean), "std": list(data.std)}, sort_keys=True)
+    key = CacheKey(teacher=teacher_fingerprint(module.teacher, module.teacher_info), view=described,
+                   data=data_fingerprint(data.hparams["dataset"], "train", split.labels, split.source_indices))
+    pinned = path is not None
+    if path is None:
+        folder = cache_dir or Path(trainer.default_root_dir) / "teacher_cache"
+        path = default_path(folder, key, data.hparams["dataset"])
+    path = Path(path)
+
+    def build() -> Tensor:
+        return compute(data.eval_dataloader("train", view=loader_view), outputs, len(split), module.device)
+
+    logits, status = load_or_build(key, len(split), build, path, pinned=pinned, strategy=trainer.strategy,
+                                   local_rank=trainer.local_rank)
+    return logits, status, path
+
+
+__all__ = ["CacheKey", "load_for_training_split", "data_fingerprint", "tensors_sha256", "teacher_fingerprint", "default_path", "read",
            "write", "compute", "load_or_build"]

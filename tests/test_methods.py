@@ -185,3 +185,33 @@ def test_kd_training_step_logs_loss_parts(tmp_path, teacher_file):
                 "val/acc_top5", "val/agreement", "val/kl", "val/acc_best", "lr"):
         assert key in logged, key
     assert 0.0 <= float(logged["val/agreement"]) <= 1.0 and float(logged["val/kl"]) >= 0.0
+
+
+def test_cached_teacher_outputs_train_the_same_student_without_running_the_teacher(tmp_path, teacher_file):
+    """With augment none, cached teacher logits give bit-for-bit the training of the uncached run."""
+    def fit(cache: bool, root: str):
+        torch.manual_seed(0)
+        model = kd_module(teacher_file, cache_teacher_outputs=cache)
+        forwards = {"train": 0}
+        model.teacher.register_forward_hook(
+            lambda *_: forwards.__setitem__("train", forwards["train"] + (model.trainer.training and
+                                                                          model.batch_indices is not None)))
+        trainer = tiny_trainer(tmp_path / root, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=fake_datamodule(augment="none"))
+        return model, forwards["train"]
+
+    cached, cached_forwards = fit(True, "cached")
+    plain, plain_forwards = fit(False, "plain")
+    assert cached_forwards == 0 and plain_forwards > 0
+    assert cached.cached_logits is not None and cached.cached_logits.shape == (96, 10)
+    for (name, a), b in zip(cached.student.state_dict().items(), plain.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(list((tmp_path / "teacher_cache").glob("*.safetensors"))) == 1  # trainer.default_root_dir = cwd
+
+
+def test_teacher_cache_needs_unaugmented_data(tmp_path, teacher_file):
+    with pytest.raises(ConfigError, match="augment"):
+        tiny_trainer(tmp_path).fit(kd_module(teacher_file, cache_teacher_outputs=True),
+                                   datamodule=fake_datamodule(augment="cifar"))
+    with pytest.raises(ConfigError, match="cache_teacher_outputs"):
+        kd_module(teacher_file, teacher_cache="x.safetensors")

@@ -125,8 +125,8 @@ def test_draws_depend_on_seed_epoch_batch_and_rank():
 def _count_teacher_calls(model: PatientConsistentKD) -> dict:
     calls = {"build": 0, "train": 0}
     model.teacher.register_forward_pre_hook(
-        lambda m, args: calls.__setitem__("train" if model.trainer.training and model._batch else "build",
-                                          calls["train" if model.trainer.training and model._batch else "build"] + 1))
+        lambda m, args: calls.__setitem__("train" if model.trainer.training and model.batch_indices is not None else "build",
+                                          calls["train" if model.trainer.training and model.batch_indices is not None else "build"] + 1))
     return calls
 
 

@@ -85,6 +85,8 @@ class DistillModule(L.LightningModule):
         self.teacher_info: dict[str, Any] | None = None
         #: Prepended to every logged name; staged methods set it per stage (``"ta1/"``).
         self.log_prefix = ""
+        #: Training-split indices of the current training batch (set in training_step).
+        self.batch_indices: Tensor | None = None
         self._configure_metrics(num_classes)
 
     # ----------------------------------------------------------------------------------- teacher
@@ -192,7 +194,8 @@ class DistillModule(L.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels, _ = batch
+        images, labels, indices = batch
+        self.batch_indices = indices  # for methods that look up per-sample data, e.g. cached teacher outputs
         logits, losses = self.training_losses(images, labels)
         batch_size = images.shape[0]
         prefix = f"{self.log_prefix}train/"

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
+from distill import teacher_cache
 from distill.errors import ConfigError
 from distill.losses import hinton_kd_objective
 from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory, check_label_smoothing
@@ -40,6 +41,16 @@ class BaselineKD(DistillModule):
         temperature: τ > 0 (default 4, RepDistiller's CIFAR-100 setting; Hinton used up to 20).
         alpha: weight of the soft term in [0, 1] (default 0.9, RepDistiller); α=0 is plain CE.
         label_smoothing: ε of label smoothing on the hard term.
+        cache_teacher_outputs: compute the teacher's logits for every training image once, before the
+            first epoch, store them on disk (:mod:`distill.teacher_cache`, keyed by teacher weights,
+            data split and view) and look them up by sample index instead of running the teacher in
+            each training step, so KD costs what training the student alone costs. Exact only when
+            the teacher's input never changes between epochs, so it needs ``data.augment: none`` (the
+            TAKD official recipe; Hinton's MNIST students); validation still runs the teacher (for the
+            agreement metrics). Our addition, not in the paper.
+        teacher_cache: pin the cache file (built there if missing; a cache of another teacher or data
+            is an error, never overwritten); null = ``<teacher_cache_dir>/<dataset>-train-<key>.safetensors``.
+        teacher_cache_dir: folder of automatic caches; null = ``<trainer.default_root_dir>/teacher_cache``.
     """
 
     def __init__(
@@ -52,6 +63,9 @@ class BaselineKD(DistillModule):
         temperature: float = 4.0,
         alpha: float = 0.9,
         label_smoothing: float = 0.0,
+        cache_teacher_outputs: bool = False,
+        teacher_cache: str | None = None,
+        teacher_cache_dir: str | None = None,
         student_kwargs: dict[str, Any] | None = None,
         num_classes: int = 10,
         in_channels: int = 3,
@@ -64,12 +78,43 @@ class BaselineKD(DistillModule):
         check_label_smoothing(label_smoothing)
         super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
                          optimizer, lr_scheduler, lr_scheduler_interval)
+        if (teacher_cache or teacher_cache_dir) and not cache_teacher_outputs:
+            raise ConfigError("teacher_cache / teacher_cache_dir are only used with cache_teacher_outputs: true; "
+                              "set it, or remove them.")
         self.attach_teacher(teacher, teacher_model, teacher_kwargs, teacher_pretrained)
+        #: The teacher's logits per training-set index; when set, training steps look them up instead
+        #: of running the teacher (filled in on_fit_start with ``cache_teacher_outputs``).
+        self.cached_logits: Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.hparams.cache_teacher_outputs and getattr(data, "augment", "none") != "none":
+            raise ConfigError(
+                f"cache_teacher_outputs stores one teacher output per training image, but data.augment is "
+                f"{data.augment!r}, so the teacher's input changes every epoch; set data.augment: none, or "
+                "cache_teacher_outputs: false."
+            )
+
+    def on_fit_start(self) -> None:
+        if not self.hparams.cache_teacher_outputs:
+            return
+        logits, status, path = teacher_cache.load_for_training_split(
+            self, {"view": "training split as loaded (augment none)"}, self.teacher_logits, loader_view="train",
+            path=self.hparams.teacher_cache, cache_dir=self.hparams.teacher_cache_dir)
+        self.cached_logits = logits.to(self.device)
+        if self.trainer.is_global_zero:
+            print(f"BaselineKD: teacher cache {path} {status} ({len(logits)} images)")
+
+    def training_teacher_logits(self, images: Tensor) -> Tensor:
+        """The teacher's logits for this training batch: looked up in the cache when there is one."""
+        if self.cached_logits is None:
+            return self.teacher_logits(images)
+        return self.cached_logits[self.batch_indices.to(self.cached_logits.device)]
 
     def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(images)
         losses = hinton_kd_objective(
-            logits, self.teacher_logits(images), labels,
+            logits, self.training_teacher_logits(images), labels,
             temperature=self.hparams.temperature, alpha=self.hparams.alpha,
             label_smoothing=self.hparams.label_smoothing,
         )

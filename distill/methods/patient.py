@@ -7,7 +7,6 @@ Official code: google-research/big_vision, ``trainers/proj/distill/distill.py`` 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +170,7 @@ class PatientConsistentKD(DistillModule):
         self.teaching = teaching
         self.cached_logits: Tensor | None = None  # the fixed teacher's outputs, per training index
         self.cache_path: Path | None = None
-        self._batch: tuple[Tensor, int] | None = None  # (indices, batch_idx) of the current step
+        self._batch_idx = 0  # of the current step: part of the augmentation's seed
         self._images_logged = False
 
     # ----------------------------------------------------------------------------------- teachers
@@ -239,13 +238,13 @@ class PatientConsistentKD(DistillModule):
 
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        # the fixed teacher looks its outputs up by sample index, which training_losses does not receive
-        self._batch = (batch[2], batch_idx)
+        # batch_idx seeds this step's crops and mixup, and training_losses does not receive it
+        self._batch_idx = batch_idx
         return super().training_step(batch, batch_idx)
 
     def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        indices, batch_idx = self._batch if self._batch is not None else (None, 0)
-        views = self.make_views(images, self.batch_generator(batch_idx))
+        indices = self.batch_indices
+        views = self.make_views(images, self.batch_generator(self._batch_idx))
         if self.teaching == "fixed":
             if self.cached_logits is None or indices is None:
                 raise RuntimeError("fixed teaching needs the teacher cache, built in on_fit_start")
@@ -294,33 +293,14 @@ class PatientConsistentKD(DistillModule):
 
     def load_teacher_cache(self) -> tuple[Tensor, str]:
         """Loads the fixed teacher's outputs for every training image, computing them if needed."""
-        data = getattr(self.trainer, "datamodule", None)
-        if data is None or not hasattr(data, "eval_dataloader"):
-            raise ConfigError("teaching: fixed needs the DistillDataModule (it reads the training split in order).")
         hp = self.hparams
-        split = data.eval_dataloader("train").dataset  # the training split, its labels and source positions
-        view = json.dumps({"view": hp.fixed_view, "teacher_size": hp.teacher_image_size or data.image_size,
-                           "image_size": data.image_size, "train_image_size": data.train_image_size,
-                           "mean": list(data.mean), "std": list(data.std),
-                           **({"crops": hp.fixed_crops, "scale": list(hp.crop_scale), "ratio": list(hp.crop_ratio)}
-                              if hp.fixed_view == "inception_ensemble" else {})}, sort_keys=True)
-        key = teacher_cache.CacheKey(
-            teacher=teacher_cache.teacher_fingerprint(self.teacher, self.teacher_info), view=view,
-            data=teacher_cache.data_fingerprint(data.hparams["dataset"], "train", split.labels, split.source_indices),
-        )
-        if hp.teacher_cache:
-            path, pinned = Path(hp.teacher_cache), True
-        else:
-            folder = hp.teacher_cache_dir or Path(self.trainer.default_root_dir) / "teacher_cache"
-            path, pinned = teacher_cache.default_path(folder, key, data.hparams["dataset"]), False
-        self.cache_path = path
-
-        def build() -> Tensor:
-            loader = data.eval_dataloader("train", view="eval" if hp.fixed_view == "central_crop" else "train")
-            return teacher_cache.compute(loader, self._fixed_teacher_outputs, len(split), self.device)
-
-        return teacher_cache.load_or_build(key, len(split), build, path, pinned=pinned,
-                                           strategy=self.trainer.strategy, local_rank=self.trainer.local_rank)
+        view = {"view": hp.fixed_view, "teacher_size": hp.teacher_image_size or self.trainer.datamodule.image_size,
+                **({"crops": hp.fixed_crops, "scale": list(hp.crop_scale), "ratio": list(hp.crop_ratio)}
+                   if hp.fixed_view == "inception_ensemble" else {})}
+        logits, status, self.cache_path = teacher_cache.load_for_training_split(
+            self, view, self._fixed_teacher_outputs, loader_view="eval" if hp.fixed_view == "central_crop" else "train",
+            path=hp.teacher_cache, cache_dir=hp.teacher_cache_dir)
+        return logits, status
 
     def _fixed_teacher_outputs(self, images: Tensor) -> Tensor:
         hp = self.hparams
