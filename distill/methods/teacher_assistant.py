@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
@@ -173,7 +172,7 @@ class TeacherAssistantKD(DistillModule):
         if stage != self.stage:
             self._finish_stage()
             self._enter_stage(stage)
-            self._restart_optimisation()
+            self.restart_optimisation()
         super().on_train_epoch_start()
 
     def on_validation_epoch_end(self) -> None:
@@ -208,15 +207,6 @@ class TeacherAssistantKD(DistillModule):
         if self.trainer.is_global_zero and log_dir:
             save_network(self.active_network(), self.stage_specs[self.stage], path,
                          best_val_acc=record["best_val_acc"], stage=self.stage_names[self.stage])
-
-    def _restart_optimisation(self) -> None:
-        """A fresh optimiser and schedule for the new stage (and a DDP wrapper that sees its parameters)."""
-        strategy = self.trainer.strategy
-        strategy.setup_optimizers(self.trainer)
-        if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
-            # DDP fixes the set of parameters it synchronises when it wraps the module: wrap again.
-            strategy.model = strategy._setup_model(strategy.lightning_module)
-            strategy._register_ddp_hooks()
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
