@@ -107,7 +107,8 @@ def test_residual_target_comes_from_the_frozen_student(teacher_file):
         f_t = model.teacher.eval().forward_features(images)[-1]
         f_s = pair.student_connector(pair.student.eval().forward_features(images)[-1])
     f_a = pair.assistant_connector(pair.assistant.forward_features(images)[-1])
-    expected = ((f_a - (f_t - f_s)) ** 2).mean()
+    # squared l2 distance per position: summed over channels, averaged over positions and the batch
+    expected = ((f_a - (f_t - f_s)) ** 2).sum() / (len(images) * f_t.shape[2] * f_t.shape[3])
     torch.testing.assert_close(losses["loss_assistant"], expected)
     torch.testing.assert_close(losses["residual_norm"], (f_t - f_s).flatten(1).norm(dim=1).mean())
     torch.testing.assert_close(losses["remaining_norm"], (f_t - f_s - f_a.detach()).flatten(1).norm(dim=1).mean())
@@ -129,7 +130,7 @@ def test_stage_one_is_feature_mimicking_and_untrained_assistant_adds_nothing(tea
     with torch.no_grad():
         f_t = model.teacher.forward_features(images)[-1]
         f_s = pair.student_connector(pair.student.forward_features(images)[-1])
-        torch.testing.assert_close(losses["loss_student"], F.mse_loss(f_s, f_t))
+        torch.testing.assert_close(losses["loss_student"], F.mse_loss(f_s, f_t) * f_t.shape[1])
         # A's connector starts at zero: S+A predicts exactly as S until stage 2
         torch.testing.assert_close(pair(images), pair.student_logits(images))
         torch.testing.assert_close(logits, pair.student_logits(images))
@@ -161,7 +162,7 @@ def test_m2_adds_blocks_shallow_to_deep(teacher_file, monkeypatch):
         f_t = model.teacher.forward_features(images)[0]
         f_s = model.block_connectors["student"][0](pair.student.forward_features(images)[0])
     f_a = model.block_connectors["assistant"][0](pair.assistant.forward_features(images)[0])
-    torch.testing.assert_close(losses["loss_assistant"], F.mse_loss(f_a, f_t - f_s))
+    torch.testing.assert_close(losses["loss_assistant"], F.mse_loss(f_a, f_t - f_s) * f_t.shape[1])
     with pytest.raises(ConfigError, match="at least 3 epochs"):
         residual_module(teacher_file, stage_epochs=(2, 3), scheme="m2")
 

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill.errors import ConfigError
 from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
 from distill.models.residual import ResidualPair, connector
-from distill.residual_budget import derive_pair, pair_cost
+from distill.residual_budget import PairCost, derive_pair, pair_cost
 from distill.teachers import NetworkSpec
 
 SCHEMES = ("m1", "m2", "m3")
@@ -28,12 +28,19 @@ VIEWS = ("student", "student_assistant")
 
 
 def feature_mse(feature: Tensor, target: Tensor) -> Tensor:
-    """``‖feature − target‖²`` averaged over batch and elements (in float32 under mixed precision).
+    """The paper's squared l2 distance ``‖feature − target‖²`` (Eqs. 3–4), per position: summed over
+    channels, averaged over the spatial positions of a map and over the batch; float32 under mixed precision.
 
-    The paper writes the squared l2 distance; the mean instead of the sum only rescales the learning
-    rate (our choice, as in FitNets implementations), and keeps losses comparable across map sizes.
+    For vector features (an MLP's last hidden layer) this is exactly the per-sample ``‖·‖²``, batch mean.
+    For ``C×H×W`` maps the paper's sum over all elements is divided by ``H·W`` (our choice): the gradient
+    at each position then does not grow with the map's resolution, so one learning rate serves 7×7 and
+    32×32 maps alike. (A mean over all elements, as some FitNets code uses, also divides by C: on mnist5k S
+    then barely learnt at the recipe's learning rate.)
     """
-    return F.mse_loss(feature.float(), target.float())
+    squared = (feature.float() - target.float()).pow(2)
+    if squared.dim() == 4:
+        return squared.sum(dim=1).mean()
+    return squared.flatten(1).sum(dim=1).mean()
 
 
 def mean_norm(residual: Tensor) -> Tensor:
@@ -153,11 +160,10 @@ class ResidualKD(DistillModule):
         else:
             pair_kwargs = {"student": student, "student_kwargs": dict(student_kwargs or {}), "assistant": assistant,
                            "assistant_kwargs": dict(assistant_kwargs or {}), "target_shape": list(target)}
-        given = self.student
+        self._given = [self.student] if assistant is None else []  # the FLOPs reference (a list: not a submodule)
         #: The trained network is the whole S+A predictor: it is what `student_network()` exports.
         self.student_spec = NetworkSpec("residual_pair", num_classes, in_channels, image_size, pair_kwargs)
         self.student: ResidualPair = self.student_spec.build()  # type: ignore[assignment]
-        self.cost = pair_cost(self.student, given if assistant is None else None, in_channels, image_size or 32)
         if classifier == "teacher":
             self._copy_teacher_classifier()
         self.block_connectors = self._block_connectors() if scheme == "m2" else nn.ModuleDict()
@@ -169,7 +175,7 @@ class ResidualKD(DistillModule):
                    "best_val_acc": None}
             for view in VIEWS
         }
-        self.records["student_assistant"].update(pair=pair_kwargs, cost=self.cost.rows)
+        self.records["student_assistant"]["pair"] = pair_kwargs
         self._best_student_score: float | None = None
         self._enter_stage(0)
 
@@ -393,7 +399,15 @@ class ResidualKD(DistillModule):
         """Makes ``name`` (S alone, or S+A) the prediction that test evaluates; returns its record."""
         self.view = name
         self.log_prefix = f"{name}/"
+        if name == "student_assistant":
+            self.records[name]["cost"] = self.cost().rows
         return self.records[name]
+
+    def cost(self) -> PairCost:
+        """Params and FLOPs of S, A, S+A (and of the given network S and A were derived from)."""
+        given = self._given[0].cpu() if self._given else None
+        return pair_cost(copy.deepcopy(self.student).cpu().float().eval(), given, self.hparams.in_channels,
+                         self.hparams.image_size or 32)
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint_callback(self) -> ModelCheckpoint:
