@@ -17,7 +17,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -254,16 +253,6 @@ class DistillModule(L.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/acc"
         return {"optimizer": optimizer, "lr_scheduler": config}
-
-    def restart_optimisation(self) -> None:
-        """A fresh optimiser and schedule for a new stage of a staged method (and a DDP wrapper that
-        sees the parameters the stage trains)."""
-        strategy = self.trainer.strategy
-        strategy.setup_optimizers(self.trainer)
-        if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
-            # DDP fixes the set of parameters it synchronises when it wraps the module: wrap again.
-            strategy.model = strategy._setup_model(strategy.lightning_module)
-            strategy._register_ddp_hooks()
 
     def on_train_epoch_start(self) -> None:
         optimizer = self.optimizers()

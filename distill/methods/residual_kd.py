@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import ConfigError
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
+from distill.methods.base import OptimizerFactory, SchedulerFactory
+from distill.methods.staged import StagedModule
 from distill.models.residual import ResidualPair, connector
 from distill.residual_budget import PairCost, derive_pair, pair_cost
 from distill.teachers import NetworkSpec
@@ -59,7 +59,7 @@ class StudentAlone(nn.Module):
         return self.pair.student_logits(images)
 
 
-class ResidualKD(DistillModule):
+class ResidualKD(StagedModule):
     """A student S mimics the teacher's final feature map; an assistant A learns what S misses.
 
     **M.1 (the paper's §3.2; ``scheme: m1``).** Two stages. Stage 1 trains S (and its connector) on
@@ -271,9 +271,6 @@ class ResidualKD(DistillModule):
                 module.eval()  # the frozen network's BatchNorm statistics must not move either
         return self
 
-    def _stage_for_epoch(self, epoch: int) -> int:
-        return next((i for i, end in enumerate(self.stage_ends) if epoch < end), len(self.stage_ends) - 1)
-
     def _block_weights(self) -> list[float]:
         """Loss weight of each matched block, shallow to deep: ``[1]`` (the final map) for m1/m3.
 
@@ -324,28 +321,6 @@ class ResidualKD(DistillModule):
         residual = teacher[-1] - s_final.detach()
         return logits, {"loss": sum(losses.values()), **losses, "residual_norm": mean_norm(residual),
                         "remaining_norm": mean_norm(residual - a_final.detach())}
-
-    def on_fit_start(self) -> None:
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < self.stage_ends[-1]:
-            raise ConfigError(f"trainer.max_epochs = {max_epochs} is less than sum(stage_epochs) = "
-                              f"{self.stage_ends[-1]}; set trainer.max_epochs to {self.stage_ends[-1]}.")
-
-    def on_train_epoch_start(self) -> None:
-        stage = self._stage_for_epoch(self.current_epoch)
-        if stage != self.stage:
-            self._finish_stage()
-            self._enter_stage(stage)
-            self.restart_optimisation()
-        super().on_train_epoch_start()
-
-    def on_train_epoch_end(self) -> None:
-        if self.current_epoch + 1 >= self.stage_ends[-1]:
-            self.trainer.should_stop = True
-
-    def on_train_end(self) -> None:
-        if self.current_epoch >= self.stage_ends[-1]:  # a run stopped early resumes from its checkpoint instead
-            self._finish_stage()
 
     def _stage_view(self) -> str:
         return "student" if self.stage_name == "student" else "student_assistant"
@@ -410,10 +385,6 @@ class ResidualKD(DistillModule):
                          self.hparams.image_size or 32)
 
     # ------------------------------------------------------------------------------ checkpoints
-    def checkpoint_callback(self) -> ModelCheckpoint:
-        # Model selection happens per stage inside the module; Lightning keeps the last checkpoint only.
-        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=0)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["residual_kd"] = {
