@@ -377,7 +377,7 @@ def test_cli_fit_then_budget_and_robustness_of_the_export(tmp_path, teacher_file
 @pytest.mark.slow
 def test_mnist5k_config_under_ddp_and_bf16(tmp_path):
     """configs/mnist5k/residual.yaml for one epoch per stage: 2 CPU processes (DDP), then bf16-mixed."""
-    teacher = write_teacher(tmp_path / "teacher.safetensors", model="resnet20", in_channels=1, image_size=28)
+    teacher = write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
     base = [str(Path(sys.executable).with_name("distill")), "fit", "--config", str(REPO / "configs/mnist5k/residual.yaml"),
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             f"--model.init_args.teacher={teacher}", "--model.init_args.stage_epochs=[1,1]", "--trainer.max_epochs=2",
