@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, fake_datamodule, tiny_trainer, write_teacher
+from conftest import REPO, StopAfter, fake_datamodule, tiny_trainer, write_teacher
 from distill.cli import main as distill_main
 from distill.errors import ConfigError
 from distill.methods import BaselineKD, ResidualKD
@@ -225,15 +225,6 @@ def test_results_report_s_alone_and_s_plus_a_and_export_predicts_the_same(tmp_pa
                                    rtol=0, atol=0)
     # and it teaches another run
     BaselineKD(student="resnet8", teacher=results["model_file"], **GEOMETRY)
-
-
-class StopAfter(L.Callback):
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def _run(tmp_path, teacher, name, ckpt_path=None, stop_after=None):

@@ -116,6 +116,8 @@ class ResidualKD(StagedModule):
         ce_weight: weight of the cross-entropy of a trained classifier.
     """
 
+    STATE_KEY = "residual_kd"
+
     def __init__(
         self,
         student: str,
@@ -170,12 +172,12 @@ class ResidualKD(StagedModule):
         self.val_acc_student = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.stage_ends = [sum(stage_epochs[: i + 1]) for i in range(len(stage_epochs))]
         self.view: str | None = None  # set by select_stage for the final tests
-        self.records: dict[str, dict[str, Any]] = {
+        self.stage_records: dict[str, dict[str, Any]] = {
             view: {"stage": view, "model": "residual_pair", "prediction": "S alone" if view == "student" else "S+A",
                    "best_val_acc": None}
             for view in VIEWS
         }
-        self.records["student_assistant"]["pair"] = pair_kwargs
+        self.stage_records["student_assistant"]["pair"] = pair_kwargs
         self._best_student_score: float | None = None
         self._enter_stage(0)
 
@@ -332,10 +334,10 @@ class ResidualKD(StagedModule):
         view = self._stage_view()
         if self.stage_name == "student":
             # until A is trained, S+A is S plus an untrained (zero-connected) assistant
-            self.records["student"]["best_val_acc"] = self._best_score
+            self.stage_records["student"]["best_val_acc"] = self._best_score
         elif self.stage_name == "joint":
-            self.records["student"]["best_val_acc"] = self._best_student_score
-        self.records[view]["best_val_acc"] = self._best_score if self._best_state is not None else None
+            self.stage_records["student"]["best_val_acc"] = self._best_student_score
+        self.stage_records[view]["best_val_acc"] = self._best_score if self._best_state is not None else None
 
     def _trained_state(self) -> dict[str, Tensor]:
         state = {f"pair.{k}": v for k, v in self.student.state_dict().items()}
@@ -375,8 +377,8 @@ class ResidualKD(StagedModule):
         self.view = name
         self.log_prefix = f"{name}/"
         if name == "student_assistant":
-            self.records[name]["cost"] = self.cost().rows
-        return self.records[name]
+            self.stage_records[name]["cost"] = self.cost().rows
+        return self.stage_records[name]
 
     def cost(self) -> PairCost:
         """Params and FLOPs of S, A, S+A (and of the given network S and A were derived from)."""
@@ -385,23 +387,11 @@ class ResidualKD(StagedModule):
                          self.hparams.image_size or 32)
 
     # ------------------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["residual_kd"] = {
-            "stage": self.stage,
-            "best_score": self._best_score,
-            "best_student_score": getattr(self, "_best_student_score", None),
-            "best_state": self._best_state,
-            "records": copy.deepcopy(self.records),
-        }
+    def _extra_state(self) -> dict[str, Any]:
+        return {"best_student_score": self._best_student_score}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint["residual_kd"]
-        self._enter_stage(saved["stage"])
-        self._best_score, self._best_state = saved["best_score"], saved["best_state"]
+    def _load_extra_state(self, saved: dict[str, Any]) -> None:
         self._best_student_score = saved["best_student_score"]
-        self.records = saved["records"]
 
 
 __all__ = ["ResidualKD", "feature_mse", "mean_norm"]

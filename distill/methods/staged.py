@@ -9,6 +9,9 @@ keeps only ``last.ckpt`` for Lightning (model selection happens per stage inside
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -17,10 +20,17 @@ from distill.methods.base import DistillModule
 
 
 class StagedModule(DistillModule):
-    """Base of methods that train in stages; see the module docstring."""
+    """Base of methods that train in stages; see the module docstring.
 
+    Subclasses keep ``stage``, ``stage_ends``, ``stage_records`` (what results.json reports per stage) and
+    the current stage's best validation score and weights (``_best_score``, ``_best_state``); these go
+    into checkpoints under ``STATE_KEY`` so that a run resumes in the middle of any stage.
+    """
+
+    STATE_KEY = "staged"
     stage: int
     stage_ends: list[int]
+    stage_records: Any
 
     @property
     def total_epochs(self) -> int:
@@ -67,6 +77,27 @@ class StagedModule(DistillModule):
             # DDP fixes the set of parameters it synchronises when it wraps the module: wrap again.
             strategy.model = strategy._setup_model(strategy.lightning_module)
             strategy._register_ddp_hooks()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[self.STATE_KEY] = {"stage": self.stage, "best_score": self._best_score,
+                                      "best_state": self._best_state, "records": copy.deepcopy(self.stage_records),
+                                      **self._extra_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint[self.STATE_KEY]
+        self._enter_stage(saved["stage"])
+        self._best_score, self._best_state = saved["best_score"], saved["best_state"]
+        self.stage_records = saved["records"]
+        self._load_extra_state(saved)
+
+    def _extra_state(self) -> dict[str, Any]:
+        """More of the method's stage state for checkpoints."""
+        return {}
+
+    def _load_extra_state(self, saved: dict[str, Any]) -> None:
+        pass
 
     def checkpoint_callback(self) -> ModelCheckpoint:
         # Model selection happens per stage inside the module; Lightning keeps the last checkpoint only.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,8 @@ class TeacherAssistantKD(StagedModule):
             paper tuned λ and τ per experiment and did not publish them).
         stage_temperature, stage_alpha: optional per-stage overrides.
     """
+
+    STATE_KEY = "teacher_assistant"
 
     def __init__(
         self,
@@ -182,22 +183,6 @@ class TeacherAssistantKD(StagedModule):
                          best_val_acc=record["best_val_acc"], stage=self.stage_names[self.stage])
 
     # ------------------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["teacher_assistant"] = {
-            "stage": self.stage,
-            "best_score": self._best_score,
-            "best_state": self._best_state,
-            "records": copy.deepcopy(self.stage_records),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint["teacher_assistant"]
-        self._enter_stage(saved["stage"])
-        self._best_score, self._best_state = saved["best_score"], saved["best_state"]
-        self.stage_records = saved["records"]
-
     # ------------------------------------------------------------------------------ evaluation
     def evaluation_stages(self) -> list[str]:
         return list(self.stage_names)
