@@ -130,10 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="L∞ radii in [0, 1] pixel units (default 0 2/255 4/255 8/255)")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--pgd-steps", type=int, default=10)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only N images of the split, a random subset drawn with --seed")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0, help="seed of PGD's random start")
+    parser.add_argument("--seed", type=int, default=0, help="seed of PGD's random start and of --limit's subset")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -141,15 +142,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 "image_size": args.image_size, "batch_size": args.batch_size})
     network = load_network(args.model, None, data.num_classes, data.in_channels, data.image_size).network
 
+    loader = data.eval_dataloader(args.split)
+    keep = None
+    if args.limit is not None and args.limit < len(loader.dataset):
+        # a seeded random subset: splits are stored in class order, so the first N would be a few classes
+        order = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(args.seed))
+        keep = torch.zeros(len(loader.dataset), dtype=torch.bool)
+        keep[order[: args.limit]] = True
+
     def batches() -> Iterable[Any]:
-        seen = 0
-        for images, labels, *_ in data.eval_dataloader(args.split):
-            if args.limit is not None:
-                images, labels = images[: args.limit - seen], labels[: args.limit - seen]
-            if len(labels) == 0:
-                return
-            seen += len(labels)
-            yield images, labels
+        for images, labels, indices in loader:
+            mask = keep[indices] if keep is not None else torch.ones(len(labels), dtype=torch.bool)
+            if mask.any():
+                yield images[mask], labels[mask]
 
     accuracy = robust_accuracy(network, batches(), args.eps, data.mean, data.std, args.attacks, args.pgd_steps,
                                args.seed, args.device)
