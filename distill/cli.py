@@ -41,7 +41,7 @@ class DistillCLI(LightningCLI):
             auto_configure_optimizers=False,  # each method takes `optimizer`/`lr_scheduler` itself
             parser_kwargs={"prog": "distill", "description": "Knowledge distillation with Lightning: "
                            "fit/validate/test/predict a method from a YAML config. Other commands: "
-                           "distill report | sweep | choose-assistant | repro | bench (each with --help)."},
+                           "distill report | sweep | choose-assistant | repro | bench | residual-budget | robustness (each with --help)."},
             args=args,
             run=run,
         )
@@ -133,7 +133,8 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
 #: Subcommands that are not LightningCLI's: ``distill <name> ...`` calls ``<module>.main(argv)``.
 TOOLS = {"report": "distill.report", "sweep": "distill.sweep", "choose-assistant": "distill.choose_assistant",
          "repro": "distill.repro",
-         "bench": "distill.bench"}
+         "bench": "distill.bench",
+         "residual-budget": "distill.residual_budget", "robustness": "distill.robustness"}
 
 
 def entry_point() -> None:

@@ -63,4 +63,15 @@ def tiny_trainer(root: Path, name: str = "run", **kwargs) -> L.Trainer:
     return L.Trainer(**options)
 
 
-__all__ = ["REPO", "FAKE", "fake_datamodule", "write_teacher", "tiny_trainer", "create_model"]
+class StopAfter(L.Callback):
+    """Stops a fit after ``epochs`` epochs, as an interruption would (for resume tests)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+__all__ = ["REPO", "FAKE", "fake_datamodule", "write_teacher", "tiny_trainer", "create_model", "StopAfter"]

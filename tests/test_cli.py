@@ -126,7 +126,8 @@ def _config_overrides(config: Path, tmp_path: Path) -> list[str]:
     """Swap the config's data for generated data of the same shape, and its teacher for a generated one."""
     text = yaml.safe_load(config.read_text())
     dataset = text["data"]["dataset"]
-    shape = {"mnist5k": (10, 1, 28), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "imagefolder": (10, 3, 32)}[dataset]
+    shape = {"mnist5k": (10, 1, 28), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "imagefolder": (10, 3, 32),
+             "imagenet": (1000, 3, 32)}[dataset]
     overrides = ["--data.dataset", "fake", "--data.num_classes", str(shape[0]), "--data.in_channels",
                  str(shape[1]), "--data.image_size", str(shape[2]), "--data.download", "false",
                  "--data.val_fraction", "null", "--data.num_workers", "0", "--data.train_subset", "null"]

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, fake_datamodule, tiny_trainer, write_teacher
+from conftest import REPO, StopAfter, fake_datamodule, tiny_trainer, write_teacher
 from distill.errors import ConfigError
 from distill.methods import TeacherAssistantKD
 from distill.run import finish_fit
@@ -76,15 +76,6 @@ def test_each_stage_frozen_predecessor_and_exports(tmp_path, mlp_teacher):
     assert results["best_val_acc"] == results["stages"][-1]["best_val_acc"]
     on_disk = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     assert len(on_disk["stages"]) == 2
-
-
-class StopAfter(L.Callback):
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def _run(tmp_path, teacher, name, ckpt_path=None, stop_after=None):

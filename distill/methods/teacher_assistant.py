@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.losses import hinton_kd_objective
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
+from distill.methods.base import OptimizerFactory, SchedulerFactory
 from distill.methods.baseline_kd import validate_kd_hparams
+from distill.methods.staged import StagedModule
 from distill.teachers import NetworkSpec, load_network, save_network
 
 
-class TeacherAssistantKD(DistillModule):
+class TeacherAssistantKD(StagedModule):
     """A whole distillation path, teacher → TA₁ → … → TAₖ → student, trained in one run.
 
     Each stage is :class:`~distill.methods.BaselineKD` from the previous network:
@@ -48,6 +46,8 @@ class TeacherAssistantKD(DistillModule):
             paper tuned λ and τ per experiment and did not publish them).
         stage_temperature, stage_alpha: optional per-stage overrides.
     """
+
+    STATE_KEY = "teacher_assistant"
 
     def __init__(
         self,
@@ -127,10 +127,6 @@ class TeacherAssistantKD(DistillModule):
     def trainable_modules(self) -> list[nn.Module]:
         return [self.active_network()]
 
-    @property
-    def total_epochs(self) -> int:
-        return self.stage_ends[-1]
-
     def _stage_for_epoch(self, epoch: int) -> int:
         """The first stage that is trained and not finished at ``epoch`` (the last stage past the end)."""
         for index, end in enumerate(self.stage_ends):
@@ -162,20 +158,6 @@ class TeacherAssistantKD(DistillModule):
                                      temperature=self.stage_temperature[self.stage], alpha=self.stage_alpha[self.stage])
         return logits, losses
 
-    def on_fit_start(self) -> None:
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < self.total_epochs:
-            raise ConfigError(f"trainer.max_epochs = {max_epochs} is less than sum(stage_epochs) = "
-                              f"{self.total_epochs}; set trainer.max_epochs to {self.total_epochs}.")
-
-    def on_train_epoch_start(self) -> None:
-        stage = self._stage_for_epoch(self.current_epoch)
-        if stage != self.stage:
-            self._finish_stage()
-            self._enter_stage(stage)
-            self._restart_optimisation()
-        super().on_train_epoch_start()
-
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             score = self.val_acc.compute().item()
@@ -183,15 +165,6 @@ class TeacherAssistantKD(DistillModule):
                 self._best_score = score
                 self._best_state = {k: v.detach().clone() for k, v in self.active_network().state_dict().items()}
         super().on_validation_epoch_end()
-
-    def on_train_epoch_end(self) -> None:
-        if self.current_epoch + 1 >= self.total_epochs:
-            self.trainer.should_stop = True
-
-    def on_train_end(self) -> None:
-        # Only a completed path finishes its last stage; a run stopped early resumes from its checkpoint.
-        if self.current_epoch >= self.total_epochs:
-            self._finish_stage()
 
     def _finish_stage(self) -> None:
         """Loads the stage's best-validation weights, records and exports them (once per stage)."""
@@ -209,36 +182,7 @@ class TeacherAssistantKD(DistillModule):
             save_network(self.active_network(), self.stage_specs[self.stage], path,
                          best_val_acc=record["best_val_acc"], stage=self.stage_names[self.stage])
 
-    def _restart_optimisation(self) -> None:
-        """A fresh optimiser and schedule for the new stage (and a DDP wrapper that sees its parameters)."""
-        strategy = self.trainer.strategy
-        strategy.setup_optimizers(self.trainer)
-        if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
-            # DDP fixes the set of parameters it synchronises when it wraps the module: wrap again.
-            strategy.model = strategy._setup_model(strategy.lightning_module)
-            strategy._register_ddp_hooks()
-
     # ------------------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["teacher_assistant"] = {
-            "stage": self.stage,
-            "best_score": self._best_score,
-            "best_state": self._best_state,
-            "records": copy.deepcopy(self.stage_records),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint["teacher_assistant"]
-        self._enter_stage(saved["stage"])
-        self._best_score, self._best_state = saved["best_score"], saved["best_state"]
-        self.stage_records = saved["records"]
-
-    def checkpoint_callback(self) -> ModelCheckpoint:
-        # Model selection happens per stage inside the module; Lightning keeps the last checkpoint only.
-        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=0)
-
     # ------------------------------------------------------------------------------ evaluation
     def evaluation_stages(self) -> list[str]:
         return list(self.stage_names)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from distill.models.base import ClassifierModel
-from distill.models.registry import register_model
+from distill.models.registry import register_model, scale_widths
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -126,14 +126,15 @@ _WIDE_X4 = (32, 64, 128, 256)
 
 
 def _builder(depth: int, widths: Sequence[int], name: str):
-    def build(num_classes: int, in_channels: int = 3, image_size: int | None = None) -> CifarResNet:
-        return CifarResNet(depth, widths, num_classes, in_channels)
+    def build(num_classes: int, in_channels: int = 3, image_size: int | None = None, width: float = 1.0) -> CifarResNet:
+        return CifarResNet(depth, scale_widths(widths, width), num_classes, in_channels)
 
     build.__name__ = build.__qualname__ = name
     stem, w1, w2, w3 = widths
     build.__doc__ = (
         f"CIFAR ResNet-{depth} ({(depth - 2) // 6} BasicBlocks per stage, stem {stem}, stages "
-        f"{w1}/{w2}/{w3}); RepDistiller/mdistiller's ``{name}``."
+        f"{w1}/{w2}/{w3}); RepDistiller/mdistiller's ``{name}``. ``width`` multiplies every width "
+        "(ResidualKD derives narrower students and assistants with it; 1 is the published network)."
     )
     return build
 

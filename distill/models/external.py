@@ -20,7 +20,8 @@ failed download raises :class:`~distill.errors.CheckpointError`. With pretrained
 Without pretrained weights the network is simply built with ``num_classes`` and the first
 convolution rebuilt for ``in_channels``. For ``vit_*`` models without pretrained weights,
 ``image_size`` is passed on to the builder (pretrained ViTs need 224×224 inputs). Other builder
-options go through ``**kwargs`` (e.g. ``dropout=0.2``).
+options go through ``**kwargs`` (e.g. ``dropout=0.2``). ResNets (``tv.resnet18`` …) also take
+``width``, a multiplier of every stage's width (ResidualKD derives narrower networks with it).
 
 :meth:`forward_features` support (stage features, shallow to deep; the last one feeds the head):
 
@@ -296,6 +297,7 @@ def create_torchvision(
     names = torchvision_model_names()
     if name not in names:
         raise unknown_name_error("tv." + name, ["tv." + n for n in names], what="torchvision model")
+    width = kwargs.pop("width", 1.0)
     if name.startswith("vit_") and image_size is not None and not pretrained:
         kwargs.setdefault("image_size", image_size)
     weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
@@ -316,9 +318,42 @@ def create_torchvision(
         raise ConfigError(f"cannot build tv.{name} with options {kwargs}: {err}") from None
     if weights is not None and num_classes != len(weights.meta["categories"]):
         _replace_classifiers(net, len(weights.meta["categories"]), num_classes)
+    if width != 1.0:
+        _narrow_resnet(net, name, width, pretrained, num_classes)
     if in_channels != 3:
         _replace_first_conv(net, in_channels, adapt_weights=pretrained)
     return TorchvisionModel(net, name, num_classes, in_channels)
+
+
+def _narrow_resnet(net: nn.Module, name: str, width: float, pretrained: bool, num_classes: int) -> None:
+    """The ``width`` option of torchvision ResNets: every stage's width times ``width``, same depth.
+
+    torchvision's builders have no such option (``width_per_group`` only widens Bottleneck interiors),
+    so the stem and the four stages are rebuilt with torchvision's own ``_make_layer`` and initialised
+    as torchvision does; module names stay torchvision's.
+    """
+    from torchvision.models.resnet import ResNet
+
+    from distill.models.registry import scale_widths
+
+    if pretrained or not isinstance(net, ResNet):
+        raise ConfigError(f"tv.{name}: the width option exists for torchvision ResNets without pretrained "
+                          f"weights only; got width={width} for {type(net).__name__}, pretrained={pretrained}.")
+    stem, *planes = scale_widths([64, 64, 128, 256, 512], width)
+    block = type(net.layer1[0])
+    depths = [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
+    net.inplanes = stem
+    net.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(stem)
+    for index, (width_i, depth) in enumerate(zip(planes, depths)):
+        setattr(net, f"layer{index + 1}", net._make_layer(block, width_i, depth, stride=1 if index == 0 else 2))
+    net.fc = nn.Linear(planes[-1] * block.expansion, num_classes)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
 
 
 # ---------------------------------------------------------------------------------- timm

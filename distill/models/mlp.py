@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.models.base import ClassifierModel
-from distill.models.registry import register_model
+from distill.models.registry import register_model, scale_widths
 
 
 class MLP(ClassifierModel):
@@ -116,11 +116,13 @@ def _preset(widths: tuple[int, ...], dropout: float, input_dropout: float, doc: 
         image_size: int | None = None,
         dropout: float = dropout,
         input_dropout: float = input_dropout,
+        width: float = 1.0,
     ) -> MLP:
-        return MLP(_in_features(in_channels, image_size), num_classes, widths, dropout, input_dropout)
+        hidden = scale_widths(widths, width)
+        return MLP(_in_features(in_channels, image_size), num_classes, hidden, dropout, input_dropout)
 
     build.__name__ = build.__qualname__ = name
-    build.__doc__ = doc
+    build.__doc__ = doc + " ``width`` multiplies the hidden widths (ResidualKD derives narrower networks with it)."
     return build
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 from distill.errors import ConfigError, UnknownNameError
@@ -95,6 +95,13 @@ def _check_options(name: str, builder: Builder, options: dict[str, Any]) -> None
     if unknown:
         takes = f"its options are: {', '.join(accepted)}" if accepted else "it takes no extra options"
         raise ConfigError(f"model {name!r} got unknown argument(s) {', '.join(unknown)}; {takes}.")
+
+
+def scale_widths(widths: Sequence[int], width: float) -> list[int]:
+    """Channel counts multiplied by ``width`` (rounded, at least 1): the ``width`` option of the zoo's builders."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        raise ConfigError(f"width must be a positive number (1 = the published widths), got {width!r}")
+    return [max(1, round(int(c) * float(width))) for c in widths]
 
 
 def create_model(

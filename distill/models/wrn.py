@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.models.base import ClassifierModel
-from distill.models.registry import register_model
+from distill.models.registry import register_model, scale_widths
 
 
 class BasicBlock(nn.Module):
@@ -86,6 +86,8 @@ class WideResNet(ClassifierModel):
         drop_rate: dropout between the two convolutions of every block (0 as in the peers' CIFAR
             teachers; the WRN paper used 0.3 for some results).
         in_channels: image channels.
+        width: multiplies every width, the stem's included (1 = the published network; ResidualKD
+            derives narrower students and assistants with it).
 
     Features: the outputs of ``block1``, ``block2`` and ``relu(bn1(block3(.)))``.
     """
@@ -97,12 +99,15 @@ class WideResNet(ClassifierModel):
         widen_factor: int = 1,
         drop_rate: float = 0.0,
         in_channels: int = 3,
+        width: float = 1.0,
     ):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"WRN depth must be 6n+4 with n >= 1, got {depth}")
         n = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        widths = scale_widths([16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor], width)
+        for i in (2, 3):  # a strided group must change width: its blocks choose their shortcut by width alone
+            widths[i] = max(widths[i], widths[i - 1] + 1)
         self.num_classes = num_classes
         self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.block1 = NetworkBlock(n, widths[0], widths[1], 1, drop_rate)
@@ -142,9 +147,11 @@ def _builder(depth: int, k: int):
     name = f"wrn_{depth}_{k}"
 
     def build(
-        num_classes: int, in_channels: int = 3, image_size: int | None = None, drop_rate: float = 0.0
+        num_classes: int, in_channels: int = 3, image_size: int | None = None, drop_rate: float = 0.0,
+        width: float = 1.0,
     ) -> WideResNet:
-        return WideResNet(depth, num_classes, widen_factor=k, drop_rate=drop_rate, in_channels=in_channels)
+        return WideResNet(depth, num_classes, widen_factor=k, drop_rate=drop_rate, in_channels=in_channels,
+                          width=width)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"WRN-{depth}-{k} (pre-activation, dropout ``drop_rate``); RepDistiller/mdistiller's ``{name}``."
