@@ -185,6 +185,7 @@ class TeacherAssistantKD(DistillModule):
         super().on_validation_epoch_end()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if self.current_epoch + 1 >= self.total_epochs:
             self.trainer.should_stop = True
 
