@@ -35,6 +35,8 @@ TEACHER_PREFIX = "teacher."
 
 # Lightning warns when modules are in eval mode as training starts; a frozen teacher always is.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Returning None from training_step is how `nonfinite_loss = "skip"` skips a batch.
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 class DistillModule(L.LightningModule):

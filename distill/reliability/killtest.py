@@ -5,10 +5,10 @@
 
 For each method: one uninterrupted run, then the same config and seed interrupted ``--kills`` times
 and resumed with ``distill fit --resume RUN_DIR`` after each interruption, then run to the end. The
-interruptions cycle through: SIGKILL while a checkpoint is being written (forced with
-``DISTILL_CHECKPOINT_WRITE_DELAY``; the last good ``last.ckpt`` must still load and be unchanged),
-SIGTERM (pre-emption: a mid-epoch ``last.ckpt``, exit status 0) and SIGKILL at a random, seeded moment.
-TeacherAssistantKD is interrupted in its second stage too. The final ``results.json`` metrics and the
+interruptions cycle through: SIGTERM (pre-emption: a mid-epoch ``last.ckpt``, exit status 0), SIGKILL
+while a checkpoint is being written (forced with ``DISTILL_CHECKPOINT_WRITE_DELAY``; the last good
+``last.ckpt`` must still load and be unchanged) and SIGKILL at a random, seeded moment.
+TeacherAssistantKD is also killed once in the middle of its second stage. The final ``results.json`` metrics and the
 exported weights must equal the uninterrupted run's. Exit status 0 when every method passes.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 METHODS = ("Supervised", "BaselineKD", "TeacherAssistantKD")
-KINDS = ("write", "sigterm", "random")
+KINDS = ("sigterm", "write", "random")
 #: results.json entries that must not change when a run is interrupted and resumed
 COMPARED = ("best_val_acc", "test_acc", "test", "epochs", "global_steps", "seed")
 
@@ -107,8 +107,13 @@ def _interrupt(process: subprocess.Popen, kind: str, checkpoints: Path, rng: ran
             safe_torch_load(last)
         log.append(f"SIGKILL during a checkpoint write (last.ckpt {'intact' if good else 'not yet written'})")
         return
-    # wait for this segment's first new checkpoint, then a random moment within the next epoch
-    while process.poll() is None and (not last.exists() or last.stat().st_mtime_ns == before):
+    # wait for this segment's first new checkpoint (for "stage2", one in TAKD's second stage), then
+    # a random moment within the next epoch
+    while process.poll() is None:
+        if last.exists() and last.stat().st_mtime_ns != before:
+            before = last.stat().st_mtime_ns
+            if kind != "stage2" or _stage(last) >= 1:
+                break
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, epoch_seconds))
     if process.poll() is not None:
@@ -122,12 +127,35 @@ def _interrupt(process: subprocess.Popen, kind: str, checkpoints: Path, rng: ran
     else:
         process.send_signal(signal.SIGKILL)
         process.wait()
-        log.append("SIGKILL at a random moment")
+        log.append("SIGKILL in the middle of stage 2" if kind == "stage2" else "SIGKILL at a random moment")
+
+
+def _stage(path: Path) -> int:
+    from distill.teachers import safe_torch_load
+
+    try:
+        return safe_torch_load(path)["teacher_assistant"]["stage"]
+    except Exception:  # being replaced right now: look again at the next checkpoint
+        return -1
+
+
+def reference_run(config: Path, method: str, workdir: Path, in_process: bool = False,
+                  verbose: bool = True) -> dict[str, Any]:
+    """The uninterrupted run: its results.json and exported weights."""
+    args = ["--config", str(config), "--run_name", f"reference/{method}"]
+    if in_process:
+        from distill.cli import main as distill_main
+
+        distill_main(["fit", *args])
+    else:
+        subprocess.run([*_command(), *args], check=True, env=_environment(), capture_output=not verbose)
+    reference_dir = _latest_run(workdir / "runs" / "reference" / method)
+    return {"results": json.loads((reference_dir / "results.json").read_text()), "weights": _weights(reference_dir)}
 
 
 def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int = 6,
-                 reference: dict[str, Any] | None = None, verbose: bool = True) -> list[str]:
-    """Runs the interrupted version of ``method`` (and the reference unless given); returns the log.
+                 reference_in_process: bool = False, verbose: bool = True) -> list[str]:
+    """Runs ``method`` uninterrupted and interrupted ``kills`` times; returns what happened.
 
     Raises AssertionError when the resumed run's results differ from the uninterrupted run's.
     """
@@ -135,17 +163,14 @@ def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int 
     config = workdir / f"{method}.yaml"
     config.write_text(yaml.safe_dump(method_config(method, workdir, epochs)))
     rng = random.Random(f"{seed}-{method}")
-    if reference is None:
-        subprocess.run([*_command(), "--config", str(config), "--run_name", f"reference/{method}"],
-                       check=True, env=_environment(), capture_output=not verbose)
-        reference_dir = _latest_run(workdir / "runs" / "reference" / method)
-        reference = {"results": json.loads((reference_dir / "results.json").read_text()),
-                     "weights": _weights(reference_dir)}
+    reference = reference_run(config, method, workdir, reference_in_process, verbose)
     epoch_seconds = max(0.2, reference["results"]["wall_time_s"] / max(1, reference["results"]["epochs"]))
     parent = workdir / "runs" / "killed" / method
     log: list[str] = []
-    for index in range(kills):
-        kind = KINDS[index % len(KINDS)]
+    kinds = [KINDS[index % len(KINDS)] for index in range(kills)]
+    if method == "TeacherAssistantKD":
+        kinds.append("stage2")
+    for index, kind in enumerate(kinds):
         run_dir = _latest_run(parent)
         resumable = run_dir is not None and (run_dir / "checkpoints" / "last.ckpt").exists()
         args = ["--resume", str(run_dir)] if resumable else ["--config", str(config), "--run_name", f"killed/{method}"]
