@@ -42,7 +42,7 @@ def fit(*args: str):
 def test_kill_and_resume_small(tmp_path):
     """Pre-empted mid-epoch (SIGTERM), then SIGKILLed while writing a checkpoint, resumed each time:
     the final results.json and weights equal an uninterrupted run's."""
-    log = killtest.check_method("BaselineKD", tmp_path, kills=2, seed=0, epochs=4, reference_in_process=True,
+    log = killtest.check_method("BaselineKD", tmp_path, kills=2, seed=0, epochs=4, in_process=True,
                                 verbose=False)
     assert log[0].startswith("SIGTERM") and log[1].startswith("SIGKILL during a checkpoint write"), log
     assert "intact" in log[1] and "equal the uninterrupted" in log[-1], log
@@ -152,6 +152,7 @@ def test_same_config_and_seed_give_identical_results(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP parity
+@pytest.mark.slow  # about 70 s on the 2-core development machine: two DDP processes start up
 def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
     """2 gloo CPU processes × batch 16 against 1 process × batch 32: the same images in each step
     (EpochShuffle shards one permutation), so the mean of the two processes' losses is the
@@ -233,3 +234,24 @@ def test_bad_config_one_line_error_before_any_work(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distill: error: ") and expected in err[0], err
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_epoch_shuffle_shards_one_global_order():
+    """Rank r of W takes every W-th sample of the single-process order: DDP step b with batch B sees
+    the images of single-process step b with batch B·W. skip_next resumes mid-epoch."""
+    from distill.data.splits import EpochShuffle
+
+    data, batch = list(range(40)), 4
+    single = EpochShuffle(data, seed=3)
+    single.set_epoch(2)
+    order = list(single)
+    shards = []
+    for rank in (0, 1):
+        sampler = EpochShuffle(data, seed=3, num_replicas=2, rank=rank)
+        sampler.set_epoch(2)
+        shards.append(list(sampler))
+    for step in range(len(data) // (2 * batch)):
+        together = shards[0][step * batch:(step + 1) * batch] + shards[1][step * batch:(step + 1) * batch]
+        assert sorted(together) == sorted(order[step * 2 * batch:(step + 1) * 2 * batch])
+    single.skip_next(12)
+    assert list(single) == order[12:] and list(single) == order  # the skip applies to one pass only

@@ -154,8 +154,11 @@ def reference_run(config: Path, method: str, workdir: Path, in_process: bool = F
 
 
 def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int = 6,
-                 reference_in_process: bool = False, verbose: bool = True) -> list[str]:
+                 in_process: bool = False, verbose: bool = True) -> list[str]:
     """Runs ``method`` uninterrupted and interrupted ``kills`` times; returns what happened.
+
+    ``in_process``: the uninterrupted run and the final resume run in this process (``distill.cli.main``,
+    saving two interpreter start-ups in the test suite); the interrupted runs are always subprocesses.
 
     Raises AssertionError when the resumed run's results differ from the uninterrupted run's.
     """
@@ -163,7 +166,7 @@ def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int 
     config = workdir / f"{method}.yaml"
     config.write_text(yaml.safe_dump(method_config(method, workdir, epochs)))
     rng = random.Random(f"{seed}-{method}")
-    reference = reference_run(config, method, workdir, reference_in_process, verbose)
+    reference = reference_run(config, method, workdir, in_process, verbose)
     epoch_seconds = max(0.2, reference["results"]["wall_time_s"] / max(1, reference["results"]["epochs"]))
     parent = workdir / "runs" / "killed" / method
     log: list[str] = []
@@ -187,7 +190,12 @@ def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int 
     run_dir = _latest_run(parent)
     final = ["--resume", str(run_dir)] if run_dir and (run_dir / "checkpoints" / "last.ckpt").exists() else \
         ["--config", str(config), "--run_name", f"killed/{method}"]
-    subprocess.run([*_command(), *final], check=True, env=_environment(), capture_output=not verbose)
+    if in_process:
+        from distill.cli import main as distill_main
+
+        distill_main(["fit", *final])
+    else:
+        subprocess.run([*_command(), *final], check=True, env=_environment(), capture_output=not verbose)
     run_dir = _latest_run(parent)
     results = json.loads((run_dir / "results.json").read_text())
     assert _compared(results) == _compared(reference["results"]), (
