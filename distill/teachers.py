@@ -87,15 +87,14 @@ def safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch reports both refused content (code the file would run) and garbage as UnpicklingError
-        text = str(err)
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if "weights only load failed" not in text.lower():
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        refused = next((line for line in lines if "unsupported global" in line.lower()), None)
+        if refused is None:
             raise CheckpointError(f"cannot read {path}: not a valid PyTorch checkpoint (the file may be "
-                                  "truncated or of another format).") from None
-        detail = next((line for line in lines if "unsupported" in line.lower()), lines[-1] if lines else "")
+                                  "truncated or of another format; only weights-only files are read).") from None
         raise CheckpointError(
             f"refusing to load {path}: it contains pickled Python objects that could execute code "
-            f"({detail[:160]}). Use a .safetensors file, or a weights-only file from a source you trust "
+            f"({refused[:160]}). Use a .safetensors file, or a weights-only file from a source you trust "
             "(e.g. re-save only the tensors: torch.save(model.state_dict(), path))."
         ) from None
     except Exception as err:  # zip/EOF/format errors from a truncated or foreign file
