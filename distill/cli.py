@@ -158,14 +158,20 @@ class ResumeAwareSaveConfig(SaveConfigCallback):
 
 
 def resume_arguments(args: list[str]) -> list[str]:
-    """``fit --resume RUN_DIR ...`` → ``fit --config RUN_DIR/config.yaml ... --ckpt_path RUN_DIR/checkpoints/last.ckpt``."""
+    """``fit --resume RUN_DIR ...`` → ``fit --config RUN_DIR/config.yaml ... --ckpt_path RUN_DIR/checkpoints/last.ckpt``.
+
+    The config is the newest one the run saved (``config.resume-N.yaml`` of an earlier resume, so
+    its overrides carry over), else ``config.yaml``.
+    """
     for position, arg in enumerate(args):
         if arg == "--resume" or arg.startswith("--resume="):
             value_at = position + 1 if arg == "--resume" else position
             if value_at >= len(args):
                 raise ConfigError("--resume needs a run directory, e.g. --resume runs/mnist5k/kd/version_0")
             run_dir = Path(args[value_at].split("=", 1)[1] if arg != "--resume" else args[value_at])
-            config, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
+            resumes = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+            config = resumes[-1] if resumes else run_dir / "config.yaml"
+            last = run_dir / "checkpoints" / "last.ckpt"
             for needed in (config, last):
                 if not needed.is_file():
                     raise ConfigError(f"cannot resume {run_dir}: {needed} does not exist (a run directory "

@@ -79,6 +79,8 @@ def test_resume_continues_in_the_same_run_directory(tmp_path, capsys):
     assert resumed["resumed_from"] == str(first / "checkpoints" / "last.ckpt")
     assert (first / "config.yaml").read_bytes() == original  # kept; the resume's own config beside it
     assert yaml.safe_load((first / "config.resume-1.yaml").read_text())["trainer"]["max_epochs"] == 2
+    from distill.cli import resume_arguments  # a later resume starts from the newest config
+    assert resume_arguments(["fit", "--resume", str(first)])[:3] == ["fit", "--config", str(first / "config.resume-1.yaml")]
     epochs = [row.split(",") for row in (first / "metrics.csv").read_text().splitlines()]
     header = epochs[0]
     assert {0, 1} <= {int(float(r[header.index("epoch")])) for r in epochs[1:] if r[header.index("epoch")]}  # rows kept
