@@ -138,9 +138,9 @@ class DistillCLI(LightningCLI):
         )
         if self.trainer.is_global_zero:
             run_dir = self.results["run_dir"]
-            test_acc = self.results["test_acc"]
-            print(f"\nbest val acc {self.results['best_val_acc']:.4f}, test acc {test_acc:.4f} "
-                  f"(best-validation checkpoint)" if test_acc is not None else "")
+            best, test_acc = self.results["best_val_acc"], self.results["test_acc"]
+            if best is not None and test_acc is not None:
+                print(f"\nbest val acc {best:.4f}, test acc {test_acc:.4f} (best-validation checkpoint)")
             print(f"Run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {Path(run_dir).parent}")
 
 

@@ -194,6 +194,9 @@ class TeacherAssistantKD(DistillModule):
         if self.current_epoch >= self.total_epochs:
             self._finish_stage()
 
+    def on_fit_end(self) -> None:
+        self.on_train_end()  # a run resumed from its final checkpoint trains nothing and has no train end
+
     def _finish_stage(self) -> None:
         """Loads the stage's best-validation weights, records and exports them (once per stage)."""
         record = self.stage_records[self.stage]
@@ -237,8 +240,11 @@ class TeacherAssistantKD(DistillModule):
         self.stage_records = saved["records"]
 
     def checkpoint_callback(self) -> ModelCheckpoint:
-        # Model selection happens per stage inside the module; Lightning keeps the last checkpoint only.
-        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=0)
+        # Model selection happens per stage inside the module. Lightning (2.6) writes last.ckpt only
+        # when it also writes a regular checkpoint, so keep the newest epoch's (save_top_k=1 without a
+        # monitor); with save_top_k=0 a killed run had no checkpoint to resume from.
+        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=1, filename="epoch{epoch:03d}",
+                               auto_insert_metric_name=False)
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluation_stages(self) -> list[str]:
