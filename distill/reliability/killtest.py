@@ -34,7 +34,7 @@ KINDS = ("sigterm", "write", "random")
 COMPARED = ("best_val_acc", "test_acc", "test", "epochs", "global_steps", "seed")
 
 
-def method_config(method: str, workdir: Path, epochs: int) -> dict[str, Any]:
+def method_config(method: str, workdir: Path, epochs: int, train_size: int = 512) -> dict[str, Any]:
     """A CPU-sized config on generated data; KD methods get a fixed random teacher file."""
     from distill.teachers import NetworkSpec, save_network
     import torch
@@ -56,7 +56,7 @@ def method_config(method: str, workdir: Path, epochs: int) -> dict[str, Any]:
         "trainer": {"max_epochs": epochs, "accelerator": "cpu", "enable_progress_bar": False,
                     "enable_model_summary": False, "default_root_dir": str(workdir / "runs")},
         "data": {"dataset": "fake", "num_classes": 10, "in_channels": 1, "image_size": 8,
-                 "fake_sizes": [512, 64, 64], "batch_size": 16, "augment": "none"},
+                 "fake_sizes": [train_size, 64, 64], "batch_size": 16, "augment": "none"},
         "model": {"class_path": f"distill.methods.{method}", "init_args": init_args},
     }
 
@@ -156,7 +156,7 @@ def reference_run(config: Path, method: str, workdir: Path, in_process: bool = F
     return {"results": json.loads((reference_dir / "results.json").read_text()), "weights": _weights(reference_dir)}
 
 
-def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int = 8,
+def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int = 8, train_size: int = 512,
                  in_process: bool = False, verbose: bool = True) -> list[str]:
     """Runs ``method`` uninterrupted and interrupted ``kills`` times; returns what happened.
 
@@ -167,7 +167,7 @@ def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int 
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"{method}.yaml"
-    config.write_text(yaml.safe_dump(method_config(method, workdir, epochs)))
+    config.write_text(yaml.safe_dump(method_config(method, workdir, epochs, train_size)))
     rng = random.Random(f"{seed}-{method}")
     reference = reference_run(config, method, workdir, in_process, verbose)
     # kill moments fall within the training time of one epoch (validation and testing excluded)
