@@ -257,3 +257,14 @@ def test_epoch_shuffle_shards_one_global_order():
         assert sorted(together) == sorted(order[step * 2 * batch:(step + 1) * 2 * batch])
     single.skip_next(12)
     assert list(single) == order[12:] and list(single) == order  # the skip applies to one pass only
+
+
+def test_resume_with_random_augmentation_and_dropout_is_exact(tmp_path):
+    """The checkpoint's generator states make a resumed run draw the same crops, flips and dropout masks."""
+    config = tiny_config(tmp_path, epochs=3, augment="cifar")
+    dropout = ["--model.init_args.student=mlp", "--model.init_args.student_kwargs={hidden: [64], dropout: 0.3}"]
+    whole = fit("--config", str(config), *dropout, "--run_name=whole").results
+    cut = fit("--config", str(config), *dropout, "--run_name=cut", "--trainer.max_epochs=2").results
+    resumed = fit("--resume", cut["run_dir"], "--trainer.max_epochs=3").results
+    a, b = load_file(whole["model_file"]), load_file(resumed["model_file"])
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
