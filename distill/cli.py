@@ -16,15 +16,21 @@ import contextlib
 import os
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from distill.data import DistillDataModule
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.methods import DistillModule
+from distill.reliability import Preempted
 from distill.run import RUN_DIR_ENV, finish_fit, next_version_dir, run_loggers
+from distill.teachers import safe_torch_load
+
+#: Lightning's special ``ckpt_path`` values, which are not files.
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
 class DistillCLI(LightningCLI):
@@ -38,6 +44,7 @@ class DistillCLI(LightningCLI):
             trainer_defaults={"default_root_dir": "runs"},
             # a run never overwrites an earlier run's config: every run has a fresh version directory
             save_config_kwargs={"overwrite": False},
+            save_config_callback=ResumeAwareSaveConfig,
             auto_configure_optimizers=False,  # each method takes `optimizer`/`lr_scheduler` itself
             parser_kwargs={"prog": "distill", "description": "Knowledge distillation with Lightning: "
                            "fit/validate/test/predict a method from a YAML config. Other commands: "
@@ -46,26 +53,68 @@ class DistillCLI(LightningCLI):
             run=run,
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.error = types.MethodType(_one_line_parse_error, parser)
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--run_name", type=str | None, default=None,
             help="Runs go to <trainer.default_root_dir>/<run_name>/version_N "
                  "(default: <dataset>/<method>-<student>).",
         )
+        parser.add_argument(
+            "--nonfinite_loss", type=Literal["stop", "skip"], default="stop",
+            help="A NaN/inf training loss stops the run with an error naming the step and loss part "
+                 "(stop), or skips the batch and counts it in train/skipped_nonfinite (skip).",
+        )
         for attribute in ("num_classes", "in_channels", "image_size"):
             parser.link_arguments(f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before anything is built: a file that
+        # is missing, corrupt or carries pickled code must be one clear error, not a traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
+            safe_torch_load(Path(ckpt_path))
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if isinstance(self.model, DistillModule):
+            self.model.nonfinite_loss = self._get(self.config, "nonfinite_loss") or "stop"
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = run_loggers(trainer_config.get("default_root_dir") or "runs", "", self._run_dir())
+            run_dir = self._run_dir()
+            kwargs["logger"] = run_loggers(trainer_config.get("default_root_dir") or "runs", "", run_dir,
+                                           resume=self._resumed_run_dir() == run_dir)
         return super().instantiate_trainer(**kwargs)
+
+    def _resumed_run_dir(self) -> Path | None:
+        """The run directory that ``fit --ckpt_path <run_dir>/checkpoints/<file>.ckpt`` continues."""
+        if self.config.get("subcommand") != "fit":
+            return None
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
+            return None
+        run_dir = Path(ckpt_path).parent.parent
+        if Path(ckpt_path).parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+            return run_dir
+        return None
 
     def _run_dir(self) -> Path:
         # DDP worker processes re-run this command: they must join rank 0's directory.
         inherited = os.environ.get(RUN_DIR_ENV)
         if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
             return Path(inherited)
+        resumed = self._resumed_run_dir()
+        if resumed is not None:  # a resumed run continues in its own directory
+            os.environ[RUN_DIR_ENV] = str(resumed)
+            return resumed
         root = self._get(self.config, "trainer").get("default_root_dir") or "runs"
         name = self._get(self.config, "run_name") or self._default_run_name()
         run_dir = next_version_dir(root, name)
@@ -89,10 +138,60 @@ class DistillCLI(LightningCLI):
         )
         if self.trainer.is_global_zero:
             run_dir = self.results["run_dir"]
-            test_acc = self.results["test_acc"]
-            print(f"\nbest val acc {self.results['best_val_acc']:.4f}, test acc {test_acc:.4f} "
-                  f"(best-validation checkpoint)" if test_acc is not None else "")
+            best, test_acc = self.results["best_val_acc"], self.results["test_acc"]
+            if best is not None and test_acc is not None:
+                print(f"\nbest val acc {best:.4f}, test acc {test_acc:.4f} (best-validation checkpoint)")
             print(f"Run directory: {run_dir}\nTensorBoard:   tensorboard --logdir {Path(run_dir).parent}")
+
+
+class ResumeAwareSaveConfig(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml``; a resumed run keeps it and adds ``config.resume-N.yaml``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir
+        resuming = self.config.get("ckpt_path")  # trainer.ckpt_path is set only after setup
+        if not self.already_saved and resuming and log_dir and (Path(log_dir) / self.config_filename).is_file():
+            taken = {p.name for p in Path(log_dir).glob("config.resume-*.yaml")}
+            self.config_filename = next(f"config.resume-{n}.yaml" for n in range(1, len(taken) + 2)
+                                        if f"config.resume-{n}.yaml" not in taken)
+        super().setup(trainer, pl_module, stage)
+
+
+def resume_arguments(args: list[str]) -> list[str]:
+    """``fit --resume RUN_DIR ...`` → ``fit --config RUN_DIR/config.yaml ... --ckpt_path RUN_DIR/checkpoints/last.ckpt``.
+
+    The config is the newest one the run saved (``config.resume-N.yaml`` of an earlier resume, so
+    its overrides carry over), else ``config.yaml``.
+    """
+    for position, arg in enumerate(args):
+        if arg == "--resume" or arg.startswith("--resume="):
+            value_at = position + 1 if arg == "--resume" else position
+            if value_at >= len(args):
+                raise ConfigError("--resume needs a run directory, e.g. --resume runs/mnist5k/kd/version_0")
+            run_dir = Path(args[value_at].split("=", 1)[1] if arg != "--resume" else args[value_at])
+            resumes = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+            config = resumes[-1] if resumes else run_dir / "config.yaml"
+            last = run_dir / "checkpoints" / "last.ckpt"
+            for needed in (config, last):
+                if not needed.is_file():
+                    raise ConfigError(f"cannot resume {run_dir}: {needed} does not exist (a run directory "
+                                      "holds config.yaml and checkpoints/last.ckpt).")
+            rest = args[:position] + args[value_at + 1:]
+            if not rest or rest[0] != "fit":
+                raise ConfigError("--resume works with `distill fit --resume RUN_DIR`.")
+            return [rest[0], "--config", str(config), *rest[1:], "--ckpt_path", str(last)]
+    return args
+
+
+def _one_line_parse_error(parser: LightningArgumentParser, message: str, ex: Exception | None = None) -> None:
+    """A wrong type, an unknown key or a missing value: one line on stderr, exit status 2, as other user errors."""
+    # jsonargparse explains every alternative of an Optional[...] type; keep the lines about the real one
+    noise = ("NoneType", "Subtypes:", "Errors:", "Does not validate against any", "Given value type:")
+    lines = [line.strip(" -") for line in str(message).splitlines()]
+    text = " ".join(line for line in lines if line and not any(n in line for n in noise))
+    print(f"distill: error: {text[:500]} (`{parser.prog.replace(' [options]', '')} --help` lists the options)",
+          file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _user_error(err: BaseException | None) -> DistillError | None:
@@ -124,7 +223,13 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
     owns_run_dir = RUN_DIR_ENV not in os.environ
     try:
         with _user_errors_as_exit():
-            return DistillCLI(args=args)
+            if args is None and "--resume" in " ".join(sys.argv[1:]):
+                args = sys.argv[1:]
+                sys.argv[1:] = []  # Lightning warns when it gets both
+            return DistillCLI(args=None if args is None else resume_arguments(list(args)))
+    except Preempted as stop:
+        print(f"distill: {stop.message}", file=sys.stderr)
+        raise SystemExit(0) from None
     finally:
         if owns_run_dir:
             os.environ.pop(RUN_DIR_ENV, None)

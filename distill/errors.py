@@ -27,3 +27,7 @@ class DataNotFoundError(DistillError, FileNotFoundError):
 
 class CheckpointError(DistillError):
     """A teacher or checkpoint file is missing, corrupt, unsafe or does not fit the model."""
+
+
+class NonFiniteLossError(DistillError, FloatingPointError):
+    """A training loss became NaN or infinite; the message names the step and the loss part."""

@@ -20,6 +20,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from distill.methods.base import DistillModule, TrainingThroughput
 from distill.teachers import save_network
@@ -41,14 +43,36 @@ def next_version_dir(root: str | Path, name: str) -> Path:
     return parent / f"version_{max(taken, default=-1) + 1}"
 
 
-def run_loggers(root: str | Path, name: str, version_dir: Path | None = None) -> list[Any]:
-    """TensorBoard (with an ``hp_metric`` of best validation accuracy) and CSV loggers in one directory."""
+def run_loggers(root: str | Path, name: str, version_dir: Path | None = None, resume: bool = False) -> list[Any]:
+    """TensorBoard (with an ``hp_metric`` of best validation accuracy) and CSV loggers in one directory.
+
+    ``resume``: the directory is an interrupted run's, continued: ``metrics.csv`` keeps its rows and
+    gets the new ones appended (Lightning's CSV logger would delete it).
+    """
     version_dir = version_dir or next_version_dir(root, name)
     save_dir, name, version = str(version_dir.parent.parent), version_dir.parent.name, version_dir.name
     return [
         TensorBoardLogger(save_dir=save_dir, name=name, version=version, default_hp_metric=False),
-        CSVLogger(save_dir=save_dir, name=name, version=version),
+        (_AppendingCSVLogger if resume else CSVLogger)(save_dir=save_dir, name=name, version=version),
     ]
+
+
+class _AppendingExperimentWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):  # keep the earlier rows and their columns
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                header = handle.readline().strip()
+            self.metrics_keys = sorted(header.split(",")) if header else []
+
+
+class _AppendingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -80,6 +104,7 @@ def finish_fit(
     the results dict (on every process; only global rank 0 writes files).
     """
     throughput = throughput_callback(trainer)
+    resumed_from = trainer.ckpt_path  # before the tests below replace it
     if started is None:  # the fit's own start when the module's throughput callback saw it
         started = throughput.fit_started if throughput and throughput.fit_started else time.time()
     checkpoint = best_checkpoint_callback(trainer)
@@ -97,6 +122,8 @@ def finish_fit(
         test_metrics = _test(trainer, model, datamodule, best_path or None)
         best_score = checkpoint.best_model_score if checkpoint is not None else None
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    # a resumed run: its earlier segments' fit time (up to the checkpoint it resumed from) counts too
+    wall_time = time.time() - started + (throughput.previous_wall_s if throughput else 0.0)
     results: dict[str, Any] = {
         "method": type(model).__name__,
         "student": model.hparams.get("student"),
@@ -106,9 +133,10 @@ def finish_fit(
         "test": test_metrics,
         "epochs": fit_epochs,
         "global_steps": trainer.global_step,
-        "wall_time_s": round(time.time() - started, 3),
+        "wall_time_s": round(wall_time, 3),
         "train_images_per_s": round(throughput.images_per_s, 2) if throughput else None,
         "seed": seed,
+        "resumed_from": resumed_from,
         "best_checkpoint": best_path or None,
         "model_file": str(run_dir / EXPORT_FILE),
         "run_dir": str(run_dir),

@@ -75,20 +75,27 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _safe_torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with one-line :class:`CheckpointError` for every failure.
+
+    A file whose pickle would create anything but tensors and plain containers (a ``__reduce__``
+    payload calling ``os.system``, a pickled class) is refused before any of it runs.
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch reports both refused globals (code the file would run) and garbage as UnpicklingError
+        # torch reports both refused content (code the file would run) and garbage as UnpicklingError
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        refused = next((line for line in lines if "global" in line.lower() and "unsupported" in line.lower()), None)
+        refused = next((line for line in lines if "unsupported global" in line.lower()), None)
         if refused is None:
             raise CheckpointError(f"cannot read {path}: not a valid PyTorch checkpoint (the file may be "
-                                  "truncated or of another format).") from None
+                                  "truncated or of another format; only weights-only files are read).") from None
         raise CheckpointError(
             f"refusing to load {path}: it contains pickled Python objects that could execute code "
-            f"({refused[:160]}). Re-save only the tensors, e.g. torch.save(model.state_dict(), path) "
-            "or a .safetensors file."
+            f"({refused[:160]}). Use a .safetensors file, or a weights-only file from a source you trust "
+            "(e.g. re-save only the tensors: torch.save(model.state_dict(), path))."
         ) from None
     except Exception as err:  # zip/EOF/format errors from a truncated or foreign file
         raise CheckpointError(
@@ -148,7 +155,7 @@ def _read_file(path: Path, fallback: NetworkSpec | None) -> tuple[NetworkSpec, d
             f"{path}: unknown checkpoint type {path.suffix!r}; expected .ckpt, .safetensors or one of "
             f"{', '.join(PLAIN_SUFFIXES)}."
         )
-    obj = _safe_torch_load(path)
+    obj = safe_torch_load(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
         spec = _spec_from_hparams(obj["hyper_parameters"], path)
         return spec, _strip_prefix(obj["state_dict"], NETWORK_PREFIX)

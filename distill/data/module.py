@@ -26,7 +26,7 @@ class DistillDataModule(L.LightningDataModule):
     ``images`` are normalised float32 ``B x C x H x W``, ``labels`` int64 class indices and
     ``indices`` int64 positions of the samples in their split (stable across epochs, processes and
     workers, for per-sample caches such as stored teacher outputs). The train loader shuffles
-    (under DDP Lightning swaps in its DistributedSampler); val and test loaders do not. Splits are
+    (under DDP each process takes its share of the same order); val and test loaders do not. Splits are
     deterministic: stratified, drawn with their own seeded generator, independent of global RNG
     state. Files are checked when the module is created, so a missing data set fails before any
     training starts.
@@ -305,7 +305,7 @@ class DistillDataModule(L.LightningDataModule):
             data,
             batch_size=batch_size,
             # seeded by the run's seed (seed_everything sets torch's initial seed) and the epoch
-            sampler=EpochShuffle(data, torch.initial_seed()) if shuffle else None,
+            sampler=EpochShuffle(data, torch.initial_seed(), *self._shard()) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -319,6 +319,11 @@ class DistillDataModule(L.LightningDataModule):
         train = self._source.geometry(self.train_image_size)
         # the whole shorter side, not the 8/7 evaluation crop: on-device crops choose their own region
         return Geometry(train.size, "resize") if train.mode == "resize_crop" else train
+
+    def _shard(self) -> tuple[int, int]:
+        """(number of processes, this process's rank): each trains on its share of one global order."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def _carve_val(self, train: SplitData) -> tuple[SplitData, SplitData]:
         count = round(self.val_fraction * len(train))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, RandomSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 # Streams of the split generator; the numbers are part of the splits' definition, do not change.
 TEST_STREAM, VAL_STREAM, SUBSET_STREAM = 0, 1, 2
@@ -108,23 +108,33 @@ class IndexedSplit(Dataset):
         return self.transform(image), int(label), int(index)
 
 
-class EpochShuffle(RandomSampler):
-    """A random order per epoch that depends only on ``(seed, epoch)``.
+class EpochShuffle(DistributedSampler):
+    """A random order per epoch that depends only on ``(seed, epoch)``, sharded over DDP processes.
 
     torch's RandomSampler draws each epoch's order from the global RNG, whose state after a resume
     differs from an uninterrupted run's; this one makes a resumed run see exactly the batches it
-    would have seen. Lightning calls :meth:`set_epoch` every epoch, and, being a RandomSampler, it
-    is still replaced by a shuffling DistributedSampler (itself seeded by epoch) under DDP.
+    would have seen. Lightning calls :meth:`set_epoch` every epoch. Under DDP every process draws the
+    same permutation of the whole split and process ``rank`` takes every ``num_replicas``-th sample
+    of it (padded like torch's DistributedSampler), so the global batch of step ``b`` is
+    positions ``[b·B·W, (b+1)·B·W)`` of the permutation: the same images as one process with batch
+    ``B·W``. Being a DistributedSampler, Lightning does not replace it.
+
+    :meth:`skip_next` makes the next pass start later in the epoch (a run resumed mid-epoch).
     """
 
-    def __init__(self, data_source: Any, seed: int) -> None:
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, data_source: Any, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.data_source = data_source
+        self._skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def skip_next(self, samples: int) -> None:
+        """The next pass over this process's share starts after its first ``samples`` samples."""
+        self._skip = samples
 
     def __iter__(self):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**62)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        while len(order) < self.total_size:  # every process gets the same number of samples
+            order += order[: self.total_size - len(order)]
+        skip, self._skip = self._skip, 0
+        yield from order[self.rank:self.total_size:self.num_replicas][skip:]

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from distill.errors import CheckpointError, ConfigError
+from distill.errors import CheckpointError, ConfigError, NonFiniteLossError
 from distill.losses import soft_target_kl, top1_agreement
+from distill.reliability import RunGuard
 from distill.scaling import scale_learning_rates
 from distill.teachers import LoadedNetwork, NetworkSpec, load_network
 
@@ -34,6 +35,8 @@ TEACHER_PREFIX = "teacher."
 
 # Lightning warns when modules are in eval mode as training starts; a frozen teacher always is.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Returning None from training_step is how `nonfinite_loss = "skip"` skips a batch.
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 class DistillModule(L.LightningModule):
@@ -87,6 +90,8 @@ class DistillModule(L.LightningModule):
         self.log_prefix = ""
         #: Training-split indices of the current training batch (set in training_step).
         self.batch_indices: Tensor | None = None
+        #: Batches skipped for a non-finite loss (``nonfinite_loss = "skip"``), kept across resumes.
+        self.skipped_nonfinite = 0
         self._configure_metrics(num_classes)
 
     # ----------------------------------------------------------------------------------- teacher
@@ -149,8 +154,10 @@ class DistillModule(L.LightningModule):
             del state[key]
         if self.teacher_info is not None:
             checkpoint["teacher"] = dict(self.teacher_info)
+        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
         if self.teacher is None:
             return
         recorded = checkpoint.get("teacher") or {}
@@ -193,10 +200,17 @@ class DistillModule(L.LightningModule):
         """Returns the student's logits and the loss parts, the total under ``"loss"``."""
         raise NotImplementedError
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    #: What a NaN/inf training loss does: ``"stop"`` the run with an error naming the step and loss
+    #: part (the last good checkpoint stays as it is), or ``"skip"`` the batch (no optimiser step) and
+    #: count it in ``train/skipped_nonfinite``. ``distill fit --nonfinite_loss skip`` sets it.
+    nonfinite_loss = "stop"
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor | None:
         images, labels, indices = batch
         self.batch_indices = indices  # for methods that look up per-sample data, e.g. cached teacher outputs
         logits, losses = self.training_losses(images, labels)
+        if not self._finite(losses["loss"]):
+            return self._on_nonfinite(losses, batch_idx)
         batch_size = images.shape[0]
         prefix = f"{self.log_prefix}train/"
         # Each self.log call, like each torchmetrics update, costs Lightning ~0.5-2 ms of Python on a
@@ -232,6 +246,35 @@ class DistillModule(L.LightningModule):
         """
         for key, mean in self.train_means.compute(self.trainer.strategy).items():
             self.log(key, mean, on_step=False, on_epoch=True)
+
+    def _finite(self, loss: Tensor) -> bool:
+        """One isfinite on the total per step; under DDP all processes agree (they must skip or stop together)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
+
+    def _on_nonfinite(self, losses: dict[str, Tensor], batch_idx: int) -> None:
+        if self.nonfinite_loss == "skip":
+            self.skipped_nonfinite += 1
+            return None  # automatic optimisation: no backward, no optimiser step for this batch
+        bad = {name: value.detach().float().mean().item() for name, value in losses.items()
+               if not torch.isfinite(value.detach()).all()}
+        parts = [name for name in bad if name != "loss"] or list(bad) or ["loss (on another process)"]
+        checkpoint = getattr(self._trainer, "checkpoint_callback", None) if self._trainer else None
+        last = getattr(checkpoint, "last_model_path", "") or "none written yet"
+        described = ", ".join(f"{self.log_prefix}{name} = {bad.get(name, 'non-finite')}" for name in parts)
+        raise NonFiniteLossError(
+            f"non-finite training loss at global step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{batch_idx}): {described}. "
+            f"The last good checkpoint is kept ({last}). Lower the learning rate or check the data; "
+            "`--nonfinite_loss skip` skips such batches instead."
+        )
+
+    def on_train_epoch_end(self) -> None:
+        if self.nonfinite_loss == "skip":
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=False, on_epoch=True)
 
     def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
         images, labels, _ = batch
@@ -297,7 +340,7 @@ class DistillModule(L.LightningModule):
         self.log("lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [TrainingThroughput(), EpochTrainingMetrics()]
+        callbacks: list[Callback] = [TrainingThroughput(), EpochTrainingMetrics(), RunGuard()]
         # The method's checkpointing, unless the user configured a monitored checkpoint of their own.
         if not any(c.monitor for c in self.trainer.checkpoint_callbacks):
             callbacks.append(self.checkpoint_callback())
@@ -338,6 +381,8 @@ class TrainingThroughput(Callback):
         self.seconds = 0.0
         self._started: float | None = None
         self.fit_started: float | None = None  # wall clock at fit start, for results' wall_time_s
+        #: Fit time of the earlier segments of a resumed run, up to the checkpoint it resumed from.
+        self.previous_wall_s = 0.0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_started = time.time()
@@ -363,6 +408,11 @@ class TrainingThroughput(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause()
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._started is None:  # a run resumed mid-epoch has no epoch start
+            self._resume()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         self.images += batch[0].shape[0] * trainer.world_size
@@ -372,11 +422,13 @@ class TrainingThroughput(Callback):
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "seconds": self.seconds}
+        wall = self.previous_wall_s + (time.time() - self.fit_started if self.fit_started else 0.0)
+        return {"images": self.images, "seconds": self.seconds, "wall_s": wall}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.images = state_dict["images"]
         self.seconds = state_dict["seconds"]
+        self.previous_wall_s = state_dict.get("wall_s", 0.0)
 
 
 class EpochMeans:

@@ -4,7 +4,8 @@ A staged method (TeacherAssistantKD, ResidualKD) sets ``stage_ends`` (cumulative
 ``_enter_stage(index)`` (what trains, what is frozen) and ``_finish_stage()`` (keep the stage's best
 weights, record them). This class switches stages at epoch boundaries, rebuilds the optimiser and
 schedule per stage (a schedule's epochs count from its stage's start), stops after the last stage and
-keeps only ``last.ckpt`` for Lightning (model selection happens per stage inside the method).
+keeps ``last.ckpt`` and the newest epoch's checkpoint for Lightning (model selection happens per stage
+inside the method).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class StagedModule(DistillModule):
         super().on_train_epoch_start()
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if self.current_epoch + 1 >= self.total_epochs:
             self.trainer.should_stop = True
 
@@ -68,6 +70,9 @@ class StagedModule(DistillModule):
         # Only a completed run finishes its last stage; a run stopped early resumes from its checkpoint.
         if self.current_epoch >= self.total_epochs:
             self._finish_stage()
+
+    def on_fit_end(self) -> None:
+        self.on_train_end()  # a run resumed from its final checkpoint trains nothing and has no train end
 
     def _restart_optimisation(self) -> None:
         """A fresh optimiser and schedule for the new stage (and a DDP wrapper that sees its parameters)."""
@@ -100,8 +105,11 @@ class StagedModule(DistillModule):
         pass
 
     def checkpoint_callback(self) -> ModelCheckpoint:
-        # Model selection happens per stage inside the module; Lightning keeps the last checkpoint only.
-        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=0)
+        # Model selection happens per stage inside the module. Lightning (2.6) writes last.ckpt only
+        # when it also writes a regular checkpoint, so keep the newest epoch's (save_top_k=1 without a
+        # monitor); with save_top_k=0 a killed run had no checkpoint to resume from.
+        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=1, filename="epoch{epoch:03d}",
+                               auto_insert_metric_name=False)
 
 
 __all__ = ["StagedModule"]

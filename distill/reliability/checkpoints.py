@@ -1,0 +1,69 @@
+"""A CheckpointIO that never leaves a half-written checkpoint and never unpickles code."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from distill.teachers import safe_torch_load
+
+#: Seconds to pause after writing the temporary file and before the rename: a test hook that lets
+#: the kill test kill a run deterministically while a checkpoint is being written.
+CHECKPOINT_WRITE_DELAY_ENV = "DISTILL_CHECKPOINT_WRITE_DELAY"
+TMP_MARKER = ".tmp-"
+
+
+def temporary_path(path: Path) -> Path:
+    """Same directory (so the rename is atomic), a name no checkpoint glob (``*.ckpt``) matches."""
+    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+
+
+def write_atomic(checkpoint: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    for stale in path.parent.glob(f".{path.name}{TMP_MARKER}*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        delay = float(os.environ.get(CHECKPOINT_WRITE_DELAY_ENV) or 0)
+        if delay > 0:
+            time.sleep(delay)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # the rename itself must survive a power cut too: sync the directory entry
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's TorchCheckpointIO with an atomic save (temporary file, flush, fsync, rename) and a
+    safe load (``torch.load(weights_only=True)``; a file that would execute pickled code is a
+    :class:`~distill.errors.CheckpointError` naming the file).
+
+    Lightning's own ``_atomic_save`` serialises to memory and then writes the destination in place,
+    so a kill during that write leaves a truncated file where the last good checkpoint was.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        write_atomic(checkpoint, path)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return safe_torch_load(Path(path), map_location=map_location)

@@ -1,0 +1,238 @@
+"""Kill real ``distill fit`` runs and check that resuming them changes nothing.
+
+    python -m distill.reliability.killtest                       # every method, 4 interruptions each
+    python -m distill.reliability.killtest --methods BaselineKD --kills 2 --seed 1
+
+For each method: one uninterrupted run, then the same config and seed interrupted ``--kills`` times
+and resumed with ``distill fit --resume RUN_DIR`` after each interruption, then run to the end. The
+interruptions cycle through: SIGTERM (pre-emption: a mid-epoch ``last.ckpt``, exit status 0), SIGKILL
+while a checkpoint is being written (forced with ``DISTILL_CHECKPOINT_WRITE_DELAY``; the last good
+``last.ckpt`` must still load and be unchanged) and SIGKILL at a random, seeded moment.
+TeacherAssistantKD is also killed once in the middle of its second stage. The final ``results.json`` metrics and the
+exported weights must equal the uninterrupted run's. Exit status 0 when every method passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("Supervised", "BaselineKD", "TeacherAssistantKD")
+KINDS = ("sigterm", "write", "random")
+#: results.json entries that must not change when a run is interrupted and resumed
+COMPARED = ("best_val_acc", "test_acc", "test", "epochs", "global_steps", "seed")
+
+
+def method_config(method: str, workdir: Path, epochs: int, train_size: int = 512) -> dict[str, Any]:
+    """A CPU-sized config on generated data; KD methods get a fixed random teacher file."""
+    from distill.teachers import NetworkSpec, save_network
+    import torch
+
+    teacher = workdir / "teacher.safetensors"
+    if not teacher.exists():
+        torch.manual_seed(0)
+        spec = NetworkSpec("mlp_300_300", 10, 1, 8)
+        save_network(spec.build(), spec, teacher)
+    init_args: dict[str, Any] = {"student": "mlp_30_30",
+                                 "optimizer": {"class_path": "torch.optim.SGD",
+                                               "init_args": {"lr": 0.05, "momentum": 0.9}}}
+    if method != "Supervised":
+        init_args["teacher"] = str(teacher)
+    if method == "TeacherAssistantKD":
+        init_args.update(assistants=["mlp_300_300"], stage_epochs=[epochs // 2, epochs - epochs // 2])
+    return {
+        "seed_everything": 7,
+        "trainer": {"max_epochs": epochs, "accelerator": "cpu", "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(workdir / "runs")},
+        "data": {"dataset": "fake", "num_classes": 10, "in_channels": 1, "image_size": 8,
+                 "fake_sizes": [train_size, 64, 64], "batch_size": 16, "augment": "none"},
+        "model": {"class_path": f"distill.methods.{method}", "init_args": init_args},
+    }
+
+
+def _command() -> list[str]:
+    return [sys.executable, "-m", "distill.cli", "fit"]
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env.pop("DISTILL_RUN_DIR", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+    return env
+
+
+def _latest_run(parent: Path) -> Path | None:
+    runs = sorted(parent.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return runs[-1] if runs else None
+
+
+def _compared(results: dict[str, Any]) -> dict[str, Any]:
+    picked = {key: results.get(key) for key in COMPARED}
+    if "stages" in results:
+        picked["stages"] = [{k: s.get(k) for k in ("stage", "best_val_acc", "test_acc")} for s in results["stages"]]
+    return picked
+
+
+def _weights(run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def _interrupt(process: subprocess.Popen, kind: str, checkpoints: Path, rng: random.Random,
+               epoch_seconds: float, log: list[str]) -> None:
+    """Waits for the moment of ``kind`` and interrupts the process then (unless it finished first)."""
+    last = checkpoints / "last.ckpt"
+    before = last.stat().st_mtime_ns if last.exists() else None
+    if kind == "write":  # the run sleeps between writing the temporary file and the rename
+        while process.poll() is None and not any(checkpoints.glob(".*.ckpt.tmp-*")):
+            time.sleep(0.02)
+        good = last.read_bytes() if last.exists() else None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if good is not None:  # the kill hit the write: the last good checkpoint is untouched and loads
+            assert last.read_bytes() == good, "a killed checkpoint write changed last.ckpt"
+            from distill.teachers import safe_torch_load
+            safe_torch_load(last)
+        log.append(f"SIGKILL during a checkpoint write (last.ckpt {'intact' if good else 'not yet written'})")
+        return
+    # wait for this segment's first new checkpoint (for "stage2", one in TAKD's second stage), then
+    # a random moment within the next epoch
+    while process.poll() is None:
+        if last.exists() and last.stat().st_mtime_ns != before:
+            before = last.stat().st_mtime_ns
+            if kind != "stage2" or _stage(last) >= 1:
+                break
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, epoch_seconds))
+    if process.poll() is not None:
+        log.append(f"{kind}: the run finished before the interruption")
+        return
+    if kind == "sigterm":
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=300)
+        if code != 0 and (checkpoints.parent / "results.json").exists():
+            log.append(f"{kind}: arrived after training had ended (exit {code}); the resume only tests")
+            return
+        assert code == 0, f"a pre-empted run exits with status 0, got {code}"
+        log.append("SIGTERM (pre-emption): saved last.ckpt and exited 0")
+    else:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        log.append("SIGKILL in the middle of stage 2" if kind == "stage2" else "SIGKILL at a random moment")
+
+
+def _stage(path: Path) -> int:
+    from distill.teachers import safe_torch_load
+
+    try:
+        return safe_torch_load(path)["teacher_assistant"]["stage"]
+    except Exception:  # being replaced right now: look again at the next checkpoint
+        return -1
+
+
+def reference_run(config: Path, method: str, workdir: Path, in_process: bool = False,
+                  verbose: bool = True) -> dict[str, Any]:
+    """The uninterrupted run: its results.json and exported weights."""
+    args = ["--config", str(config), "--run_name", f"reference/{method}"]
+    if in_process:
+        from distill.cli import main as distill_main
+
+        distill_main(["fit", *args])
+    else:
+        subprocess.run([*_command(), *args], check=True, env=_environment(), capture_output=not verbose)
+    reference_dir = _latest_run(workdir / "runs" / "reference" / method)
+    return {"results": json.loads((reference_dir / "results.json").read_text()), "weights": _weights(reference_dir)}
+
+
+def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int = 8, train_size: int = 512,
+                 in_process: bool = False, verbose: bool = True) -> list[str]:
+    """Runs ``method`` uninterrupted and interrupted ``kills`` times; returns what happened.
+
+    ``in_process``: the uninterrupted run and the final resume run in this process (``distill.cli.main``,
+    saving two interpreter start-ups in the test suite); the interrupted runs are always subprocesses.
+
+    Raises AssertionError when the resumed run's results differ from the uninterrupted run's.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / f"{method}.yaml"
+    config.write_text(yaml.safe_dump(method_config(method, workdir, epochs, train_size)))
+    rng = random.Random(f"{seed}-{method}")
+    reference = reference_run(config, method, workdir, in_process, verbose)
+    # kill moments fall within the training time of one epoch (validation and testing excluded)
+    train_images = reference["results"]["config"]["data"]["fake_sizes"][0]
+    epoch_seconds = max(0.2, train_images / max(1.0, reference["results"]["train_images_per_s"] or 0.0))
+    parent = workdir / "runs" / "killed" / method
+    log: list[str] = []
+    kinds = [KINDS[index % len(KINDS)] for index in range(kills)]
+    if method == "TeacherAssistantKD":
+        kinds.append("stage2")
+    for index, kind in enumerate(kinds):
+        run_dir = _latest_run(parent)
+        resumable = run_dir is not None and (run_dir / "checkpoints" / "last.ckpt").exists()
+        args = ["--resume", str(run_dir)] if resumable else ["--config", str(config), "--run_name", f"killed/{method}"]
+        extra = {"DISTILL_CHECKPOINT_WRITE_DELAY": "1.0"} if kind == "write" else {}
+        process = subprocess.Popen([*_command(), *args], env=_environment(**extra),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # a new run creates its directory; give it time to appear
+        while not resumable and process.poll() is None and _latest_run(parent) in (None, run_dir):
+            time.sleep(0.05)
+        checkpoints = (run_dir if resumable else _latest_run(parent) or parent / "version_0") / "checkpoints"
+        _interrupt(process, kind, checkpoints, rng, epoch_seconds, log)
+        if verbose:
+            print(f"[{method}] interruption {index + 1}: {log[-1]}", flush=True)
+    run_dir = _latest_run(parent)
+    final = ["--resume", str(run_dir)] if run_dir and (run_dir / "checkpoints" / "last.ckpt").exists() else \
+        ["--config", str(config), "--run_name", f"killed/{method}"]
+    if in_process:
+        from distill.cli import main as distill_main
+
+        distill_main(["fit", *final])
+    else:
+        subprocess.run([*_command(), *final], check=True, env=_environment(), capture_output=not verbose)
+    run_dir = _latest_run(parent)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert _compared(results) == _compared(reference["results"]), (
+        f"{method}: resumed results differ:\n{_compared(results)}\nvs uninterrupted\n{_compared(reference['results'])}")
+    import torch
+
+    weights = _weights(run_dir)
+    assert all(torch.equal(weights[k], v) for k, v in reference["weights"].items()), f"{method}: weights differ"
+    log.append(f"results and weights equal the uninterrupted run's ({run_dir})")
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill.reliability.killtest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--kills", type=int, default=4, help="interruptions per method (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/killtest"))
+    args = parser.parse_args(argv)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    failed = []
+    for method in args.methods:
+        try:
+            for line in check_method(method, args.workdir / method, args.kills, args.seed, args.epochs):
+                print(f"[{method}] {line}")
+        except AssertionError as err:
+            failed.append(method)
+            print(f"[{method}] FAILED: {err}", file=sys.stderr)
+    print("killtest:", "all methods resumed exactly" if not failed else f"FAILED for {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""Runs that survive: kill and resume, pre-emption, non-finite losses, determinism, DDP parity,
+untrusted files and bad configs (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, fake_datamodule, tiny_trainer, write_teacher
+from distill.cli import main
+from distill.errors import CheckpointError, NonFiniteLossError
+from distill.methods import Supervised
+from distill.reliability import killtest
+from distill.reliability.checkpoints import write_atomic
+from distill.teachers import safe_torch_load
+
+VOLATILE = ("wall_time_s", "train_images_per_s", "run_dir", "model_file", "best_checkpoint", "config", "resumed_from")
+
+
+def tiny_config(tmp_path: Path, method: str = "Supervised", epochs: int = 3, **data) -> Path:
+    config = killtest.method_config(method, tmp_path, epochs)
+    config["data"].update(fake_sizes=[128, 32, 32], **data)
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def fit(*args: str):
+    return main(["fit", *args])
+
+
+# ----------------------------------------------------------------------------- kill and resume
+def test_kill_and_resume_small(tmp_path):
+    """Pre-empted mid-epoch (SIGTERM), then SIGKILLed while writing a checkpoint, resumed each time:
+    the final results.json and weights equal an uninterrupted run's."""
+    log = killtest.check_method("BaselineKD", tmp_path, kills=2, seed=0, epochs=3, train_size=256,
+                                in_process=True, verbose=False)
+    assert log[0].startswith("SIGTERM") and log[1].startswith("SIGKILL during a checkpoint write"), log
+    assert "intact" in log[1] and "equal the uninterrupted" in log[-1], log
+
+
+@pytest.mark.slow
+def test_kill_and_resume_every_method(tmp_path):
+    """The full harness: `python -m distill.reliability.killtest` (TAKD killed mid-stage-2 as well)."""
+    assert killtest.main(["--workdir", str(tmp_path), "--kills", "4"]) == 0
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    write_atomic({"step": torch.tensor(1)}, path)
+    good = path.read_bytes()
+
+    def dies_midway(obj, handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic({"step": torch.tensor(2)}, path)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resume_continues_in_the_same_run_directory(tmp_path, capsys):
+    config = tiny_config(tmp_path, epochs=2)
+    first = Path(fit("--config", str(config), "--trainer.max_epochs=1").results["run_dir"])
+    (first / "results.json").rename(first / "results-1.json")  # what the first segment wrote
+    original = (first / "config.yaml").read_bytes()
+    resumed = fit("--resume", str(first), "--trainer.max_epochs=2").results
+    assert Path(resumed["run_dir"]) == first and resumed["epochs"] == 2
+    assert resumed["resumed_from"] == str(first / "checkpoints" / "last.ckpt")
+    assert (first / "config.yaml").read_bytes() == original  # kept; the resume's own config beside it
+    assert yaml.safe_load((first / "config.resume-1.yaml").read_text())["trainer"]["max_epochs"] == 2
+    from distill.cli import resume_arguments  # a later resume starts from the newest config
+    assert resume_arguments(["fit", "--resume", str(first)])[:3] == ["fit", "--config", str(first / "config.resume-1.yaml")]
+    epochs = [row.split(",") for row in (first / "metrics.csv").read_text().splitlines()]
+    header = epochs[0]
+    assert {0, 1} <= {int(float(r[header.index("epoch")])) for r in epochs[1:] if r[header.index("epoch")]}  # rows kept
+    first_wall = json.loads((first / "results-1.json").read_text())["wall_time_s"]
+    assert resumed["wall_time_s"] > first_wall * 0.5  # both segments' fit time, not the second's alone
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+class NaNAt(Supervised):
+    """Supervised whose cross-entropy becomes NaN at the given global steps (a blown-up batch)."""
+
+    def __init__(self, bad_steps: list[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bad_steps = set(bad_steps)
+
+    def training_losses(self, images, labels):
+        logits, losses = super().training_losses(images, labels)
+        if self.global_step in self.bad_steps and not getattr(self, "_counted", None) == self.global_step:
+            self._counted = self.global_step
+            losses = {"loss_ce": losses["loss_ce"] * float("nan"), "loss": losses["loss"] * float("nan")}
+        return logits, losses
+
+
+def _nan_module(bad_steps):
+    return NaNAt(bad_steps, student="mlp_30_30", num_classes=10, in_channels=3, image_size=16)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_epochs=3)  # 3 batches per epoch: step 4 is in epoch 1
+    with pytest.raises(NonFiniteLossError, match=r"global step 4 \(epoch 1, batch 1\): loss_ce = nan") as info:
+        trainer.fit(_nan_module([4]), datamodule=fake_datamodule())
+    last = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert str(last) in str(info.value) and "--nonfinite_loss skip" in str(info.value)
+    assert safe_torch_load(last)["global_step"] == 3  # the end of epoch 0, intact
+
+
+def test_nonfinite_loss_skip_counts_the_skipped_batches(tmp_path):
+    class WeightsAround(L.Callback):  # the student's weights before and after every batch
+        def __init__(self):
+            self.changed = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.before = [p.detach().clone() for p in module.student.parameters()]
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.changed.append(any(not torch.equal(a, b) for a, b in zip(self.before, module.student.parameters())))
+
+    model = _nan_module([1, 4])
+    model.nonfinite_loss = "skip"
+    watcher = WeightsAround()
+    trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=[watcher])
+    trainer.fit(model, datamodule=fake_datamodule())
+    assert model.skipped_nonfinite == 2
+    assert watcher.changed == [True, False, True, True, False, True]  # no update from the skipped batches
+    assert all(torch.isfinite(v).all() for v in model.student.state_dict().values())
+    rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("train/skipped_nonfinite")
+    assert [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]] == [1.0, 2.0]
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_same_config_and_seed_give_identical_results(tmp_path):
+    config = tiny_config(tmp_path, epochs=2, augment="jitter")  # random augmentation included
+    runs = [json.loads((Path(fit("--config", str(config)).results["run_dir"]) / "results.json").read_text())
+            for _ in range(2)]
+    assert runs[0]["run_dir"] != runs[1]["run_dir"]
+    assert runs[0]["seed"] == 7 and runs[0]["config"]["seed_everything"] == 7
+    assert {k: v for k, v in runs[0].items() if k not in VOLATILE} == {k: v for k, v in runs[1].items() if k not in VOLATILE}
+    weights = [load_file(str(Path(r["run_dir"]) / "model.safetensors")) for r in runs]
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+
+
+# ----------------------------------------------------------------------------- DDP parity
+@pytest.mark.slow  # about 70 s on the 2-core development machine: two DDP processes start up
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    """2 gloo CPU processes × batch 16 against 1 process × batch 32: the same images in each step
+    (EpochShuffle shards one permutation), so the mean of the two processes' losses is the
+    one-process loss step by step, and the weights after the run agree."""
+    config = tiny_config(tmp_path, epochs=1)
+    callback = ["--trainer.callbacks+=reliability_helpers.StepLosses", "--trainer.callbacks.steps=4"]
+    single = fit("--config", str(config), "--data.batch_size=32", *callback,
+                 f"--trainer.callbacks.out={tmp_path / 'one'}").results
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env.pop("DISTILL_RUN_DIR", None)
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "fit", "--config", str(config),
+                             "--data.batch_size=16", "--trainer.devices=2", "--trainer.strategy=ddp",
+                             *callback, f"--trainer.callbacks.out={tmp_path / 'two'}"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "losses-rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"losses-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(one) == 4
+    assert torch.allclose(torch.tensor(one), (torch.tensor(ranks[0]) + torch.tensor(ranks[1])) / 2, atol=1e-5)
+    assert not torch.allclose(torch.tensor(ranks[0]), torch.tensor(ranks[1]))  # the ranks saw different images
+    two_dir = sorted(Path(single["run_dir"]).parent.glob("version_*"))[-1]
+    a, b = load_file(single["model_file"]), load_file(str(two_dir / "model.safetensors"))
+    assert all(torch.allclose(v, b[k], atol=1e-5) for k, v in a.items())
+
+
+# ----------------------------------------------------------------------------- untrusted files
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("role", ["teacher", "checkpoint"])
+def test_malicious_pickle_is_refused_and_never_runs(role, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"student": "mlp_30_30"}, "x": Payload(marker)}, evil)
+    config = tiny_config(tmp_path, "BaselineKD")
+    extra = ["--model.init_args.teacher", str(evil)] if role == "teacher" else ["--ckpt_path", str(evil)]
+    with pytest.raises(SystemExit) as exit_info:
+        fit("--config", str(config), *extra)
+    assert exit_info.value.code == 2 and not marker.exists()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"distill: error: refusing to load {evil}") and ".safetensors" in err, err
+    assert not (tmp_path / "runs" / "killed").exists()
+    with pytest.raises(CheckpointError, match="could execute code"):
+        safe_torch_load(evil)
+
+
+def test_checkpoints_load_weights_only_and_safetensors_teachers_work(tmp_path):
+    config = tiny_config(tmp_path, "BaselineKD", epochs=1)  # its teacher is a .safetensors file
+    run = Path(fit("--config", str(config)).results["run_dir"])
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "RunGuard" in checkpoint["callbacks"] and "teacher.0.weight" not in checkpoint["state_dict"]
+
+
+# ----------------------------------------------------------------------------- bad configs
+BAD = {
+    "wrong type": (["--trainer.max_epochs=abc"], 'Parser key "trainer.max_epochs": Expected a <class \'int\'>'),
+    "unknown key": (["--model.init_args.temprature=3"], "Option 'temprature' is not accepted"),
+    "missing required field": (["--model.init_args.student=null"], "student"),
+    "TA of other classes": (["--model.init_args.assistant_checkpoints=[ta100.safetensors]",
+                             "--model.init_args.stage_epochs=[0,2]"], "ta100.safetensors was trained for 100 classes"),
+    "resume of no run": (["--resume", "runs/nothing/version_0"], "cannot resume runs/nothing/version_0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_one_line_error_before_any_work(case, tmp_path, capsys):
+    write_teacher(tmp_path / "ta100.safetensors", model="mlp_300_300", num_classes=100, in_channels=1, image_size=8)
+    config = tiny_config(tmp_path, "TeacherAssistantKD", epochs=2)
+    args, expected = BAD[case]
+    with pytest.raises(SystemExit) as exit_info:
+        fit(*(args if case == "resume of no run" else ["--config", str(config), *args]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("distill: error: ") and expected in err[0], err
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_epoch_shuffle_shards_one_global_order():
+    """Rank r of W takes every W-th sample of the single-process order: DDP step b with batch B sees
+    the images of single-process step b with batch B·W. skip_next resumes mid-epoch."""
+    from distill.data.splits import EpochShuffle
+
+    data, batch = list(range(40)), 4
+    single = EpochShuffle(data, seed=3)
+    single.set_epoch(2)
+    order = list(single)
+    shards = []
+    for rank in (0, 1):
+        sampler = EpochShuffle(data, seed=3, num_replicas=2, rank=rank)
+        sampler.set_epoch(2)
+        shards.append(list(sampler))
+    for step in range(len(data) // (2 * batch)):
+        together = shards[0][step * batch:(step + 1) * batch] + shards[1][step * batch:(step + 1) * batch]
+        assert sorted(together) == sorted(order[step * 2 * batch:(step + 1) * 2 * batch])
+    single.skip_next(12)
+    assert list(single) == order[12:] and list(single) == order  # the skip applies to one pass only
+
+
+def test_resume_with_random_augmentation_and_dropout_is_exact(tmp_path):
+    """The checkpoint's generator states make a resumed run draw the same crops, flips and dropout masks."""
+    config = tiny_config(tmp_path, epochs=3, augment="cifar")
+    dropout = ["--model.init_args.student=mlp", "--model.init_args.student_kwargs={hidden: [64], dropout: 0.3}"]
+    whole = fit("--config", str(config), *dropout, "--run_name=whole").results
+    cut = fit("--config", str(config), *dropout, "--run_name=cut", "--trainer.max_epochs=2").results
+    resumed = fit("--resume", cut["run_dir"], "--trainer.max_epochs=3").results
+    a, b = load_file(whole["model_file"]), load_file(resumed["model_file"])
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
