@@ -262,7 +262,7 @@ class DistillDataModule(L.LightningDataModule):
         """The device-resident counterpart of a split's loader (see ``device_resident``).
 
         The split is decoded once per data module; ``device`` defaults to the Trainer's device, and
-        under DDP each process reads its DistributedSampler shard.
+        under DDP each process reads its EpochShuffle share (as on the DataLoader path).
         """
         if split not in self._resident:
             data = self._split(split)

@@ -7,8 +7,7 @@ workers, on inter-process copies. Here the split is decoded once into ``N x C x 
 one batched crop/flip and one normalisation on the device, in the training process (no workers).
 
 Same samples, same order: the order of a training epoch is :class:`~distill.data.splits.EpochShuffle`'s
-for the same ``(seed, epoch)`` (under DDP, the ``DistributedSampler`` Lightning would put in its
-place, with the same seed), batches are ``(images, labels, indices)`` as on the DataLoader path, and
+for the same ``(seed, epoch)`` (under DDP, the same per-process shares of it), batches are ``(images, labels, indices)`` as on the DataLoader path, and
 without augmentation the images are bit-identical. The random crop and flip draw from a generator
 seeded by ``(seed, epoch)``, so a run, and a resumed run, is reproducible; the draws differ from the
 per-image path's (which uses the global generator in each worker), so augmented pixels are not
@@ -17,12 +16,10 @@ the same as there, only identically distributed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
 
 from distill.data.splits import EpochShuffle, IndexedSplit
 from distill.errors import ConfigError
@@ -97,7 +94,7 @@ class DeviceResidentLoader:
         shuffle: training order (EpochShuffle of ``seed``) and augmentation; else in order, unaugmented.
         preset: augmentation preset (``none``, ``cifar``, ``jitter``); used only when shuffling.
         seed: the run's seed (``torch.initial_seed()`` as for the DataLoader path).
-        num_replicas, rank: DDP processes; each then reads the shard a DistributedSampler would give it.
+        num_replicas, rank: DDP processes; each reads its EpochShuffle share, as on the DataLoader path.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
@@ -119,9 +116,7 @@ class DeviceResidentLoader:
         self.batch_sampler = None
         if shuffle:
             positions = range(len(self.labels))
-            self.sampler = (EpochShuffle(positions, seed) if num_replicas == 1 else DistributedSampler(
-                positions, num_replicas=num_replicas, rank=rank, shuffle=True,
-                seed=int(os.environ.get("PL_GLOBAL_SEED", 0))))  # as Lightning seeds its own
+            self.sampler = EpochShuffle(positions, seed, num_replicas, rank)  # the DataLoader path's shards
 
     def __len__(self) -> int:
         count = len(self.sampler) if self.sampler is not None else len(self.labels)
