@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from distill.methods import BaselineKD, DistillModule, Supervised, TeacherAssistantKD
+from distill.methods import BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised, TeacherAssistantKD
+from distill.methods.residual_kd import StudentAlone
 from distill.speed import apply_speed_options
 from distill.teachers import NetworkSpec, save_network
 
@@ -146,16 +147,54 @@ def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
 def _cached_kd(context: BenchContext) -> DistillModule:
     # The teacher's outputs for the benchmark's batches, computed once as the cache would hold them.
     module = BaselineKD(context.pair.student, teacher=context.network_file("teacher"), **context.geometry)
-    size = sum(len(indices) for _, _, indices in context.batches)
-    logits = torch.empty(size, context.pair.num_classes)
-    for images, _, indices in context.batches:
-        logits[indices.cpu()] = module.teacher_logits(images.cpu()).float()
-    module.cached_logits = logits
+    module.cached_logits = _teacher_outputs(module, context)
     return module
 
 
 def _student_alone(module: DistillModule) -> tuple[nn.Module, list[nn.Module]]:
     return module.active_network(), []
+
+
+def _residual_stage(stage: int) -> Callable[[BenchContext], DistillModule]:
+    # The module pinned to one stage (stage 1 trains S, stage 2 trains A with S frozen). S is the pair's
+    # student and A the same network at a quarter of its width (given, not derived: derivation needs a
+    # student large enough to pay for connectors to the teacher's map, which the tiny test pair is not).
+    def build(context: BenchContext) -> DistillModule:
+        class Pinned(ResidualKD):
+            def _stage_for_epoch(self, epoch: int) -> int:
+                return stage
+
+        module = Pinned(context.pair.student, stage_epochs=[10**6, 10**6], teacher=context.network_file("teacher"),
+                        assistant=context.pair.student, assistant_kwargs={"width": 0.25}, **context.geometry)
+        module._enter_stage(stage)
+        return module
+    return build
+
+
+def _residual_bound(module: DistillModule) -> tuple[nn.Module, list[nn.Module]]:
+    # S's (stage 1) or A's (stage 2, S forward-only) step plus the teacher's forward pass.
+    pair, teacher = module.student, module.active_teacher()
+    if module.stage == 0:
+        return StudentAlone(pair), [teacher]
+    return pair.assistant, [StudentAlone(pair), teacher]
+
+
+def _patient(teaching: str) -> Callable[[BenchContext], DistillModule]:
+    def build(context: BenchContext) -> DistillModule:
+        module = PatientConsistentKD(context.pair.student, teacher=context.network_file("teacher"), teaching=teaching,
+                                     warmup_steps=1, **context.geometry)
+        if teaching == "fixed":  # the cache as on_fit_start would load it
+            module.cached_logits = _teacher_outputs(module, context)
+        return module
+    return build
+
+
+def _teacher_outputs(module: DistillModule, context: BenchContext) -> torch.Tensor:
+    size = sum(len(indices) for _, _, indices in context.batches)
+    logits = torch.empty(size, context.pair.num_classes)
+    for images, _, indices in context.batches:
+        logits[indices.cpu()] = module.teacher_logits(images.cpu()).float()
+    return logits
 
 
 #: Method rows, in table order. New methods add one entry per measured setting or stage.
@@ -167,6 +206,11 @@ METHODS: dict[str, MethodBench] = {
     "BaselineKD+cache": MethodBench(_cached_kd, bound_networks=_student_alone),
     "TeacherAssistantKD/ta1": MethodBench(_takd_stage("ta1"), student_role="assistant"),
     "TeacherAssistantKD/student": MethodBench(_takd_stage("student"), teacher_role="assistant"),
+    "ResidualKD/student": MethodBench(_residual_stage(0), bound_networks=_residual_bound),
+    "ResidualKD/assistant": MethodBench(_residual_stage(1), bound_networks=_residual_bound),
+    **{f"PatientConsistentKD/{teaching}": MethodBench(
+        _patient(teaching), bound_networks=_student_alone if teaching == "fixed" else default_bound_networks)
+       for teaching in ("fixed", "independent", "consistent", "function_matching")},
 }
 
 

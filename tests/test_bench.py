@@ -26,8 +26,11 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
     main([*QUICK, "--no-isolate", "--json", str(out)])
     overhead, *records = json.loads(out.read_text())
     assert overhead["kind"] == "overhead" and isinstance(overhead["overhead_ms_per_step"], float)
-    assert [r["method"] for r in records] == ["Supervised", "BaselineKD", "TeacherAssistantKD/ta1",
-                                             "TeacherAssistantKD/student"]
+    from distill.bench import METHODS
+
+    assert [r["method"] for r in records] == list(METHODS)
+    assert {"BaselineKD+cache", "TeacherAssistantKD/ta1", "TeacherAssistantKD/student", "ResidualKD/student",
+            "ResidualKD/assistant", "PatientConsistentKD/fixed", "PatientConsistentKD/function_matching"} <= set(METHODS)
     for record in records:
         assert set(REQUIRED_KEYS) <= set(record)
         assert record["images_per_s"] > 0 and record["bound_images_per_s"] > 0 and record["ratio"] > 0

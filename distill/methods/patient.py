@@ -285,7 +285,8 @@ class PatientConsistentKD(DistillModule):
     # ----------------------------------------------------------------------------------- fixed teacher
     def on_fit_start(self) -> None:
         self._images_logged = False
-        if self.teaching == "fixed":
+        # fits without a DistillDataModule (benchmarks on in-memory batches) supply cached_logits themselves
+        if self.teaching == "fixed" and (self.cached_logits is None or getattr(self.trainer, "datamodule", None)):
             logits, status = self.load_teacher_cache()
             self.cached_logits = logits.to(self.device)
             if self.trainer.is_global_zero:
