@@ -268,3 +268,22 @@ def test_resume_with_random_augmentation_and_dropout_is_exact(tmp_path):
     resumed = fit("--resume", cut["run_dir"], "--trainer.max_epochs=3").results
     a, b = load_file(whole["model_file"]), load_file(resumed["model_file"])
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+@pytest.mark.parametrize("method", ["TeacherAssistantKD", "ResidualKD", "PatientConsistentKD"])
+def test_every_method_resumes_exactly_in_process(method, tmp_path):
+    """Stopped after 3 of 4 epochs (the staged methods in their second stage) and resumed: the same
+    weights and test metrics as the uninterrupted run (PatientConsistentKD redraws the same crops and mixup)."""
+    config = tiny_config(tmp_path, method=method, epochs=4)  # 128 images, batch 16: 8 steps an epoch
+    whole = fit("--config", str(config), "--run_name=whole").results
+    # stopped by a callback, not by max_epochs/max_steps, which would change the learning-rate schedules
+    stop = '--trainer.callbacks=[{class_path: conftest.StopAfter, init_args: {epochs: 3}}]'
+    cut = fit("--config", str(config), "--run_name=cut", stop).results
+    assert cut["epochs"] == 3
+    resumed = fit("--resume", cut["run_dir"], "--trainer.callbacks=[]").results
+    a, b = load_file(whole["model_file"]), load_file(resumed["model_file"])
+    assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+    assert resumed["test"] == whole["test"] and resumed["best_val_acc"] == whole["best_val_acc"]
+    assert resumed.get("stages") == whole.get("stages") or [
+        {k: s[k] for k in ("stage", "best_val_acc", "test_acc")} for s in resumed["stages"]] == [
+        {k: s[k] for k in ("stage", "best_val_acc", "test_acc")} for s in whole["stages"]]

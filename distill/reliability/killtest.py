@@ -8,7 +8,7 @@ and resumed with ``distill fit --resume RUN_DIR`` after each interruption, then 
 interruptions cycle through: SIGTERM (pre-emption: a mid-epoch ``last.ckpt``, exit status 0), SIGKILL
 while a checkpoint is being written (forced with ``DISTILL_CHECKPOINT_WRITE_DELAY``; the last good
 ``last.ckpt`` must still load and be unchanged) and SIGKILL at a random, seeded moment.
-TeacherAssistantKD is also killed once in the middle of its second stage. The final ``results.json`` metrics and the
+The staged methods (TeacherAssistantKD, ResidualKD) are also killed once in the middle of their second stage. The final ``results.json`` metrics and the
 exported weights must equal the uninterrupted run's. Exit status 0 when every method passes.
 """
 
@@ -28,7 +28,9 @@ from typing import Any
 
 import yaml
 
-METHODS = ("Supervised", "BaselineKD", "TeacherAssistantKD")
+METHODS = ("Supervised", "BaselineKD", "TeacherAssistantKD", "ResidualKD", "PatientConsistentKD")
+#: methods trained in stages, each also killed once in the middle of its second stage
+STAGED = ("TeacherAssistantKD", "ResidualKD")
 KINDS = ("sigterm", "write", "random")
 #: results.json entries that must not change when a run is interrupted and resumed
 COMPARED = ("best_val_acc", "test_acc", "test", "epochs", "global_steps", "seed")
@@ -44,13 +46,19 @@ def method_config(method: str, workdir: Path, epochs: int, train_size: int = 512
         torch.manual_seed(0)
         spec = NetworkSpec("mlp_300_300", 10, 1, 8)
         save_network(spec.build(), spec, teacher)
-    init_args: dict[str, Any] = {"student": "mlp_30_30",
-                                 "optimizer": {"class_path": "torch.optim.SGD",
-                                               "init_args": {"lr": 0.05, "momentum": 0.9}}}
+    init_args: dict[str, Any] = {"student": "mlp_30_30"}
+    if method != "PatientConsistentKD":  # which brings its own recipe (Adam, warm-up + cosine)
+        init_args["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}}
     if method != "Supervised":
         init_args["teacher"] = str(teacher)
+    halves = [epochs // 2, epochs - epochs // 2]
     if method == "TeacherAssistantKD":
-        init_args.update(assistants=["mlp_300_300"], stage_epochs=[epochs // 2, epochs - epochs // 2])
+        init_args.update(assistants=["mlp_300_300"], stage_epochs=halves)
+    if method == "ResidualKD":  # S and A given (the 30-30 MLP cannot pay for derived connectors)
+        init_args.update(stage_epochs=halves, assistant="mlp_30_30", assistant_kwargs={"width": 0.25})
+        init_args["optimizer"]["init_args"]["lr"] = 0.005
+    if method == "PatientConsistentKD":
+        init_args.update(teaching="function_matching", warmup_steps=4)
     return {
         "seed_everything": 7,
         "trainer": {"max_epochs": epochs, "accelerator": "cpu", "enable_progress_bar": False,
@@ -107,7 +115,7 @@ def _interrupt(process: subprocess.Popen, kind: str, checkpoints: Path, rng: ran
             safe_torch_load(last)
         log.append(f"SIGKILL during a checkpoint write (last.ckpt {'intact' if good else 'not yet written'})")
         return
-    # wait for this segment's first new checkpoint (for "stage2", one in TAKD's second stage), then
+    # wait for this segment's first new checkpoint (for "stage2", one in the second stage), then
     # a random moment within the next epoch
     while process.poll() is None:
         if last.exists() and last.stat().st_mtime_ns != before:
@@ -137,7 +145,11 @@ def _stage(path: Path) -> int:
     from distill.teachers import safe_torch_load
 
     try:
-        return safe_torch_load(path)["teacher_assistant"]["stage"]
+        from distill.methods import ResidualKD, TeacherAssistantKD
+
+        checkpoint = safe_torch_load(path)
+        return next(checkpoint[cls.STATE_KEY]["stage"] for cls in (TeacherAssistantKD, ResidualKD)
+                    if cls.STATE_KEY in checkpoint)
     except Exception:  # being replaced right now: look again at the next checkpoint
         return -1
 
@@ -176,7 +188,7 @@ def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int 
     parent = workdir / "runs" / "killed" / method
     log: list[str] = []
     kinds = [KINDS[index % len(KINDS)] for index in range(kills)]
-    if method == "TeacherAssistantKD":
+    if method in STAGED:
         kinds.append("stage2")
     for index, kind in enumerate(kinds):
         run_dir = _latest_run(parent)
