@@ -56,3 +56,14 @@ class ClassifierModel(nn.Module):
         """Logits and stage features from a single pass through the body."""
         feats = self.forward_features(x)
         return self.forward_head(feats[-1]), feats
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """He (fan-out) initialisation of convolutions, unit scale and zero shift of BatchNorms: the
+    initialisation of the CIFAR ResNets in RepDistiller/mdistiller and of torchvision's ResNets."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)

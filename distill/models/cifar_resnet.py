@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from distill.models.base import ClassifierModel
+from distill.models.base import ClassifierModel, kaiming_init
 from distill.models.registry import register_model, scale_widths
 
 
@@ -90,13 +90,7 @@ class CifarResNet(ClassifierModel):
         self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
         self.feature_channels = [c * BasicBlock.expansion for c in num_filters[1:4]]
 
-        # The peers' initialisation (Kaiming fan-out for convolutions, unit BatchNorm scale).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_init(self)  # the peers' initialisation
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import CheckpointError, ConfigError
-from distill.models.base import ClassifierModel
+from distill.models.base import ClassifierModel, kaiming_init
 from distill.models.registry import unknown_name_error
 
 # Input side used to find out the channels of each feature at construction (small enough to be
@@ -348,12 +348,7 @@ def _narrow_resnet(net: nn.Module, name: str, width: float, pretrained: bool, nu
     for index, (width_i, depth) in enumerate(zip(planes, depths)):
         setattr(net, f"layer{index + 1}", net._make_layer(block, width_i, depth, stride=1 if index == 0 else 2))
     net.fc = nn.Linear(planes[-1] * block.expansion, num_classes)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
+    kaiming_init(net)
 
 
 # ---------------------------------------------------------------------------------- timm
