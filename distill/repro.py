@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> Path:
     started = time.time()
     if not args.report_only:
         run_experiment(spec, runs_root, args.only)
-    page = write_page(spec, runs_root, Path(args.results), "distill repro " + " ".join(argv))
+    # the command that makes every run of the page (not --only/--report-only, which redo part of it)
+    command = f"distill repro {args.experiment}" + (f" --runs-root {runs_root}" if args.runs_root != "runs/repro" else "")
+    page = write_page(spec, runs_root, Path(args.results), command)
     print(f"[repro] {spec['name']}: {page} ({(time.time() - started) / 60:.1f} min)")
     return page
 
