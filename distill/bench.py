@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from distill import teacher_cache
 from distill.methods import BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised, TeacherAssistantKD
 from distill.methods.residual_kd import StudentAlone
 from distill.speed import apply_speed_options
@@ -192,11 +193,9 @@ def _patient(teaching: str) -> Callable[[BenchContext], DistillModule]:
 
 
 def _teacher_outputs(module: DistillModule, context: BenchContext) -> torch.Tensor:
+    # the cache's own computation, on the benchmark's batches (their indices are distinct)
     size = sum(len(indices) for _, _, indices in context.batches)
-    logits = torch.empty(size, context.pair.num_classes)
-    for images, _, indices in context.batches:
-        logits[indices.cpu()] = module.teacher_logits(images.cpu()).float()
-    return logits
+    return teacher_cache.compute(context.batches, module.teacher_logits, size, context.batches[0][0].device)
 
 
 #: Method rows, in table order. New methods add one entry per measured setting or stage.

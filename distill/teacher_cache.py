@@ -138,6 +138,7 @@ def compute(batches: Iterable[tuple[Tensor, Tensor, Tensor]], outputs: Callable[
     seen = torch.zeros(size, dtype=torch.bool)
     for images, _, indices in batches:
         out = outputs(images.to(device)).float().cpu()
+        indices = indices.cpu()
         if logits is None:
             logits = torch.empty(size, out.shape[1])
         logits[indices] = out

@@ -125,6 +125,10 @@ class DistillModule(L.LightningModule):
             self.teacher.eval()
         return self
 
+    def training_augment(self) -> str:
+        """The training loaders' augmentation preset (``"none"`` when fit without a DistillDataModule)."""
+        return getattr(getattr(self.trainer, "datamodule", None), "augment", "none")
+
     def active_teacher(self) -> nn.Module | None:
         """The network teaching now; staged methods change it from stage to stage."""
         return self.teacher

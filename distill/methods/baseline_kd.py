@@ -87,11 +87,11 @@ class BaselineKD(DistillModule):
         self.cached_logits: Tensor | None = None
 
     def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and self.hparams.cache_teacher_outputs and getattr(data, "augment", "none") != "none":
+        augment = self.training_augment()
+        if stage == "fit" and self.hparams.cache_teacher_outputs and augment != "none":
             raise ConfigError(
                 f"cache_teacher_outputs stores one teacher output per training image, but data.augment is "
-                f"{data.augment!r}, so the teacher's input changes every epoch; set data.augment: none, or "
+                f"{augment!r}, so the teacher's input changes every epoch; set data.augment: none, or "
                 "cache_teacher_outputs: false."
             )
 

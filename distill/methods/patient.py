@@ -193,7 +193,6 @@ class PatientConsistentKD(DistillModule):
         self.teacher_info = {"path": [m["path"] for m in members], "members": members,
                              "sha256": hashlib.sha256("".join(fingerprints).encode()).hexdigest()}
 
-    @torch.no_grad()
     def teacher_logits(self, images: Tensor) -> Tensor:
         """The (ensemble-averaged) teacher logits, the images resized to ``teacher_image_size`` first."""
         size = self.hparams.teacher_image_size
@@ -277,10 +276,10 @@ class PatientConsistentKD(DistillModule):
 
     def setup(self, stage: str) -> None:
         # a second augmentation in the loaders would crop the crops: fail before training starts
-        data = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and getattr(data, "augment", "none") != "none":
+        augment = self.training_augment()
+        if stage == "fit" and augment != "none":
             raise ConfigError(f"PatientConsistentKD crops, flips and mixes on the device; the data module's augment "
-                              f"is {data.augment!r}: set data.augment to none (and train_image_size for large images).")
+                              f"is {augment!r}: set data.augment to none (and train_image_size for large images).")
 
     # ----------------------------------------------------------------------------------- fixed teacher
     def on_fit_start(self) -> None:
