@@ -31,7 +31,9 @@ Experiment file::
       - {kind: class_bias, runs: [kd_no3], class_index: 3}
 
 ``{model:NAME}`` in a value is the exported network (``model.safetensors``) of the lowest-seed
-finished run ``NAME``, which must come earlier in the list.
+finished run ``NAME``, which must come earlier in the list. ``{model:EXPERIMENT/NAME}`` is run ``NAME`` of
+another experiment (under the same runs root), which must have finished first: one teacher can then serve
+several experiments without being trained twice.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from distill.report import (
 )
 from distill.run import RESULTS_FILE
 
-REFERENCE = re.compile(r"\{model:([A-Za-z0-9_.-]+)\}")
+REFERENCE = re.compile(r"\{model:([A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)?)\}")
 RUN_KEYS = {"name", "config", "seeds", "set"}
 ANALYSIS_KINDS = ("sweep", "class_bias")
 
@@ -88,7 +90,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
                               "(run from the repository root).")
         for value in (entry.get("set") or {}).values():
             for reference in REFERENCE.findall(str(value)):
-                if reference not in names:
+                if "/" not in reference and reference not in names:
                     raise ConfigError(f"{path}: run {entry['name']!r} uses {{model:{reference}}}, but no earlier run "
                                       f"is named {reference!r}.")
         entry.setdefault("seeds", [0])
@@ -117,9 +119,22 @@ def finished_runs(runs_root: Path, experiment: str, name: str) -> dict[int, dict
     return found
 
 
-def _override(key: str, value: Any, models: Mapping[str, str]) -> str:
+def _model_file(reference: str, models: Mapping[str, str], runs_root: Path) -> str:
+    """The exported network a ``{model:...}`` reference names (see the module docstring)."""
+    if "/" not in reference:
+        return models[reference]
+    experiment, name = reference.split("/")
+    done = finished_runs(runs_root, experiment, name)
+    if not done:
+        raise ConfigError(f"{{model:{reference}}} names run {name!r} of experiment {experiment!r}, which has no "
+                          f"finished run under {runs_root}; run `distill repro experiments/{experiment}.yaml "
+                          f"--only {name}` first.")
+    return done[min(done)]["model_file"]
+
+
+def _override(key: str, value: Any, models: Mapping[str, str], runs_root: Path) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
-    text = REFERENCE.sub(lambda match: models[match.group(1)], text)
+    text = REFERENCE.sub(lambda match: _model_file(match.group(1), models, runs_root), text)
     return f"--{key}={text}"
 
 
@@ -128,6 +143,13 @@ def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str]
     from distill.cli import main as distill_main
 
     models: dict[str, str] = {}
+    for entry in spec["runs"]:  # other experiments' models first: a missing one stops before any run
+        if only is not None and entry["name"] not in only:
+            continue
+        for value in (entry.get("set") or {}).values():
+            for reference in REFERENCE.findall(str(value)):
+                if "/" in reference:
+                    _model_file(reference, models, runs_root)
     for entry in spec["runs"]:
         done = finished_runs(runs_root, spec["name"], entry["name"])
         if only is None or entry["name"] in only:
@@ -137,7 +159,7 @@ def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str]
                 args = ["fit", "--config", entry["config"], f"--seed_everything={seed}",
                         f"--run_name={spec['name']}/{entry['name']}", f"--trainer.default_root_dir={runs_root}",
                         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-                args += [_override(key, value, models) for key, value in (entry.get("set") or {}).items()]
+                args += [_override(key, value, models, runs_root) for key, value in (entry.get("set") or {}).items()]
                 print(f"[repro] {entry['name']} seed {seed}: distill {' '.join(args)}", flush=True)
                 argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees other arguments too
                 try:

@@ -113,3 +113,20 @@ def test_every_shipped_experiment_file_is_valid(monkeypatch):
     for path in files:
         spec = repro.load_spec(path)
         assert spec["name"] == path.stem and spec.get("setup") and spec.get("paper")
+
+
+def test_a_run_of_another_experiment_teaches(experiment, tmp_path):
+    """``{model:tiny/teacher}`` reuses another experiment's finished teacher; before it exists, one clear error."""
+    other = {"name": "other", "title": "Another experiment", "runs": [
+        {"name": "kd", "config": "configs/kd.yaml", "seeds": [0],
+         "set": {"model.init_args.teacher": "{model:tiny/teacher}"}}]}
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    with pytest.raises(ConfigError, match="run 'teacher' of experiment 'tiny'.*--only teacher"):
+        repro.main([str(path)])
+    assert not Path("runs/repro/other").exists()
+    repro.main([str(experiment), "--only", "teacher"])
+    repro.main([str(path)])
+    teacher = repro.finished_runs(Path("runs/repro"), "tiny", "teacher")[0]
+    student = repro.finished_runs(Path("runs/repro"), "other", "kd")[0]
+    assert student["teacher"]["path"] == teacher["model_file"]
