@@ -104,6 +104,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
                               f"{', '.join(missing)}.")
         if analysis["kind"] == "sweep" and len(analysis.get("x", [])) != len(analysis.get("runs", [])):
             raise ConfigError(f"{path}: sweep {analysis.get('title')!r} needs one `x` value per run.")
+        stray = [name for group in (analysis.get("series") or {}).values() for name in group
+                 if name not in analysis.get("runs", [])]
+        if stray:
+            raise ConfigError(f"{path}: sweep {analysis.get('title')!r} has series runs {', '.join(stray)} that are "
+                              "not in its `runs` (each needs an `x` there).")
     return spec
 
 
@@ -173,29 +178,43 @@ def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str]
 
 # --------------------------------------------------------------------------------------- analyses
 def _sweep(analysis: Mapping[str, Any], runs: Mapping[str, list[dict]], out: Path) -> list[str]:
-    """Test accuracy (mean ± std over seeds) against a swept value, as a table and an error-bar plot."""
+    """Test accuracy (mean ± std over seeds) against a swept value, as a table and an error-bar plot.
+
+    With ``series: {label: [run, ...]}`` the runs form several lines in one plot (e.g. one per method, against
+    the epoch budget); every run still takes its ``x`` from the ``runs``/``x`` lists.
+    """
     metric = analysis.get("metric", "test_acc")
-    rows, points = [], []
-    for name, x in zip(analysis["runs"], analysis["x"]):
-        values = [run.get(metric) for run in runs[name]]
-        rows.append([str(x), name, str(len(values)), format_stat(values, 100), format_stat(
-            [run.get("best_val_acc") for run in runs[name]], 100)])
-        known = [v for v in values if v is not None]
-        if known:
-            mean = sum(known) / len(known)
-            spread = (sum((v - mean) ** 2 for v in known) / (len(known) - 1)) ** 0.5 if len(known) > 1 else 0.0
-            points.append((float(x), mean * 100, spread * 100))
+    x_of = dict(zip(analysis["runs"], analysis["x"]))
+    series = analysis.get("series") or {"": list(analysis["runs"])}
+    rows, lines_to_plot = [], []
+    for label, names in series.items():
+        points = []
+        for name in names:
+            values = [run.get(metric) for run in runs[name]]
+            rows.append(([label] if label else []) + [str(x_of[name]), name, str(len(values)),
+                        format_stat(values, 100), format_stat([run.get("best_val_acc") for run in runs[name]], 100)])
+            known = [v for v in values if v is not None]
+            if known:
+                mean = sum(known) / len(known)
+                spread = (sum((v - mean) ** 2 for v in known) / (len(known) - 1)) ** 0.5 if len(known) > 1 else 0.0
+                points.append((float(x_of[name]), mean * 100, spread * 100))
+        if points:
+            lines_to_plot.append((label, points))
     lines = [f"### {analysis.get('title', 'sweep')}", ""]
-    lines.append(markdown_table([analysis.get("x_label", "x"), "run", "n", f"{metric} (%)", "val acc (%)"], rows))
-    if points:
+    header = (["series"] if "" not in series else []) + [analysis.get("x_label", "x"), "run", "n", f"{metric} (%)",
+                                                          "val acc (%)"]
+    lines.append(markdown_table(header, rows))
+    if lines_to_plot:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         figure = Figure(figsize=(6, 3.8), layout="constrained")
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
-        xs, ys, errors = zip(*points)
-        axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=4, label=f"{metric}, mean ± std over seeds")
+        for label, points in lines_to_plot:
+            xs, ys, errors = zip(*points)
+            axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=4,
+                          label=f"{label + ': ' if label else ''}{metric}, mean ± std over seeds")
         if analysis.get("log_x"):
             axes.set_xscale("log")
         axes.set_xlabel(analysis.get("x_label", "x"))

@@ -40,6 +40,8 @@ def experiment(tmp_path) -> Path:
             {"kind": "sweep", "title": "accuracy against temperature", "x_label": "τ",
              "runs": ["kd_t1", "kd_t4_no0"], "x": [1, 4]},
             {"kind": "class_bias", "runs": ["kd_t4_no0"], "class_index": 0, "grid": [0.0, 1.0, 2.0]},
+            {"kind": "sweep", "title": "two series", "x_label": "τ", "runs": ["kd_t1", "kd_t4_no0"], "x": [1, 4],
+             "series": {"all classes": ["kd_t1"], "without 0": ["kd_t4_no0"]}},
         ],
     }
     path = tmp_path / "tiny.yaml"
@@ -61,6 +63,8 @@ def test_experiment_runs_resumes_and_writes_its_page(experiment, capsys):
     assert "| BaselineKD | resnet8 | mlp_30_30 | 2 | 0, 1 |" in text
     assert "### accuracy against temperature" in text and "test errors, corrected" in text
     assert (page.parent / "tiny" / "accuracy_against_temperature.png").is_file()
+    assert "| series | τ | run |" in text and "| all classes | 1 | kd_t1 | 2 |" in text
+    assert "| without 0 | 4 | kd_t4_no0 | 1 |" in text and (page.parent / "tiny" / "two_series.png").is_file()
     assert "Incomplete" not in text
     # a second call finds every (config, seed) finished and runs nothing
     capsys.readouterr()
@@ -81,6 +85,7 @@ def test_report_only_marks_missing_runs(experiment):
     (lambda s: s["runs"][1]["set"].update({"model.init_args.teacher": "{model:nobody}"}), "no earlier run"),
     (lambda s: s["analyses"][0].update(x=[1]), "one `x` value per run"),
     (lambda s: s["analyses"][1].update(kind="magic"), "analysis kind"),
+    (lambda s: s["analyses"][2]["series"].update(extra=["teacher"]), "series runs teacher"),
     (lambda s: s["runs"][0].update(sed=[1]), "unknown: sed"),
 ])
 def test_bad_experiment_files_fail_before_any_run(experiment, change, message):
