@@ -87,4 +87,61 @@ class SpeedOptions(Callback):
             self._applied.add(id(pl_module))
 
 
-__all__ = ["SpeedOptions", "apply_speed_options", "networks_of", "resolve_compile", "COMPILE_MODES"]
+
+
+class EvalTeacherCache(Callback):
+    """Computes the teacher's logits on the validation and test splits once and reuses them.
+
+    The teacher's outputs on the evaluation splits (for the ``val/agreement``, ``val/kl`` and their
+    ``test/`` twins) never change: same frozen teacher, same evaluation view. Without this callback they
+    are recomputed at every validation pass of every run; with it they come from
+    ``<default_root_dir>/teacher_cache/<dataset>-<split>-<key>.safetensors``, keyed like the training
+    cache (:mod:`distill.teacher_cache`: the teacher's weights, the view, the split's labels and
+    source positions), so every later epoch and every later run with the same teacher and data reads
+    them instead. Staged methods change their teacher from stage to stage; the key follows the active
+    teacher. The logits are computed under the run's precision (its autocast) from the same
+    evaluation batches the steps see, so the metrics are the same as without the cache (up to the
+    last bits where the batches differ)::
+
+        trainer:
+          callbacks:
+            - class_path: distill.speed.EvalTeacherCache
+    """
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self.cache_dir = cache_dir
+        self._teacher_keys: dict[int, str] = {}  # id(teacher) -> weights fingerprint, hashed once per teacher
+
+    def _fill(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        from distill import teacher_cache
+
+        teacher = module.active_teacher()
+        cache = module.eval_teacher_logits
+        cache.pop(stage, None)
+        if teacher is None:
+            return
+        if id(teacher) not in self._teacher_keys:
+            self._teacher_keys[id(teacher)] = (teacher_cache.teacher_fingerprint(teacher, module.teacher_info)
+                                               if teacher is module.teacher else teacher_cache.tensors_sha256(teacher))
+        view = {"view": "evaluation transform", "outputs": f"{type(module).__name__}.teacher_logits",
+                "teacher_image_size": module.hparams.get("teacher_image_size"),
+                "precision": str(trainer.precision)}
+
+        def outputs(images: torch.Tensor) -> torch.Tensor:
+            with trainer.precision_plugin.forward_context():
+                return module.teacher_logits(images)
+
+        logits, status, path = teacher_cache.load_for_split(module, stage, view, outputs,
+                                                            self._teacher_keys[id(teacher)], cache_dir=self.cache_dir)
+        if status != "loaded" and trainer.is_global_zero:
+            print(f"EvalTeacherCache: {stage} teacher outputs {path} {status} ({len(logits)} images)")
+        cache[stage] = logits
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fill(trainer, pl_module, "val")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fill(trainer, pl_module, "test")
+
+
+__all__ = ["SpeedOptions", "EvalTeacherCache", "apply_speed_options", "networks_of", "resolve_compile", "COMPILE_MODES"]

@@ -145,7 +145,7 @@ def compute(batches: Iterable[tuple[Tensor, Tensor, Tensor]], outputs: Callable[
         seen[indices] = True
     if logits is None or not bool(seen.all()):
         missing = size if logits is None else int((~seen).sum())
-        raise RuntimeError(f"teacher cache: {missing} of {size} training images produced no output")
+        raise RuntimeError(f"teacher cache: {missing} of {size} images produced no output")
     return logits
 
 
@@ -203,30 +203,46 @@ def load_for_training_split(
     otherwise the file goes to ``cache_dir`` (default ``<trainer.default_root_dir>/teacher_cache``).
     Returns ``(logits on CPU, status, path)``.
     """
+    return load_for_split(module, "train", view, outputs, teacher_fingerprint(module.teacher, module.teacher_info),
+                          loader_view, path, cache_dir)
+
+
+def load_for_split(
+    module: Any,
+    split_name: str,
+    view: Mapping[str, Any],
+    outputs: Callable[[Tensor], Tensor],
+    teacher: str,
+    loader_view: str = "eval",
+    path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[Tensor, str, Path]:
+    """As :func:`load_for_training_split`, for any split (``train``, ``val``, ``test``) and any teacher,
+    named by its fingerprint ``teacher`` (:func:`teacher_fingerprint` or :func:`tensors_sha256`)."""
     trainer = module.trainer
     data = getattr(trainer, "datamodule", None)
     if data is None or not hasattr(data, "eval_dataloader"):
         raise ConfigError(f"{type(module).__name__}'s teacher cache needs the DistillDataModule "
-                          "(it reads the training split in order).")
-    split = data.eval_dataloader("train").dataset  # the training split, its labels and source positions
+                          "(it reads the split in order).")
+    split = data.eval_dataloader(split_name).dataset  # the split, its labels and source positions
     described = json.dumps({**view, "image_size": data.image_size,
                             "train_image_size": getattr(data, "train_image_size", None),
                             "mean": list(data.mean), "std": list(data.std)}, sort_keys=True)
-    key = CacheKey(teacher=teacher_fingerprint(module.teacher, module.teacher_info), view=described,
-                   data=data_fingerprint(data.hparams["dataset"], "train", split.labels, split.source_indices))
+    key = CacheKey(teacher=teacher, view=described,
+                   data=data_fingerprint(data.hparams["dataset"], split_name, split.labels, split.source_indices))
     pinned = path is not None
     if path is None:
         folder = cache_dir or Path(trainer.default_root_dir) / "teacher_cache"
-        path = default_path(folder, key, data.hparams["dataset"])
+        path = default_path(folder, key, data.hparams["dataset"], split_name)
     path = Path(path)
 
     def build() -> Tensor:
-        return compute(data.eval_dataloader("train", view=loader_view), outputs, len(split), module.device)
+        return compute(data.eval_dataloader(split_name, view=loader_view), outputs, len(split), module.device)
 
     logits, status = load_or_build(key, len(split), build, path, pinned=pinned, strategy=trainer.strategy,
                                    local_rank=trainer.local_rank)
     return logits, status, path
 
 
-__all__ = ["CacheKey", "load_for_training_split", "data_fingerprint", "tensors_sha256", "teacher_fingerprint", "default_path", "read",
+__all__ = ["CacheKey", "load_for_training_split", "load_for_split", "data_fingerprint", "tensors_sha256", "teacher_fingerprint", "default_path", "read",
            "write", "compute", "load_or_build"]

@@ -215,3 +215,36 @@ def test_teacher_cache_needs_unaugmented_data(tmp_path, teacher_file):
                                    datamodule=fake_datamodule(augment="cifar"))
     with pytest.raises(ConfigError, match="cache_teacher_outputs"):
         kd_module(teacher_file, teacher_cache="x.safetensors")
+
+
+def test_eval_teacher_cache_gives_the_same_metrics_without_running_the_teacher(tmp_path, teacher_file):
+    """EvalTeacherCache: val/test agreement and KL as without it; the teacher runs once per split, and not at
+    all in a second run with the same teacher and data (the files are shared)."""
+    from distill.speed import EvalTeacherCache
+
+    def run(cache: bool, root: str):
+        torch.manual_seed(0)
+        model = kd_module(teacher_file)
+        forwards = {"eval": 0}
+        model.teacher.register_forward_hook(
+            lambda *_: forwards.__setitem__("eval", forwards["eval"] + (not model.trainer.training)))
+        trainer = tiny_trainer(tmp_path / root, max_epochs=2, num_sanity_val_steps=0,
+                               callbacks=[EvalTeacherCache(cache_dir=str(tmp_path / "eval_cache"))] if cache else [])
+        data = fake_datamodule(augment="none")
+        trainer.fit(model, datamodule=data)
+        validated = dict(trainer.logged_metrics)
+        tested = trainer.test(model, datamodule=data, verbose=False)[0]
+        return validated, tested, forwards["eval"]
+
+    plain, plain_test, plain_forwards = run(False, "plain")
+    cached, cached_test, cached_forwards = run(True, "cached")
+    for key in ("val/agreement", "val/kl", "val/acc"):
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+    for key in ("test/agreement", "test/kl", "test/acc"):
+        assert abs(cached_test[key] - plain_test[key]) < 1e-5, key
+    # 48 val and 48 test images, 2 batches each: without the cache the teacher runs on 2 val passes + 1 test
+    # pass, with it once over val and once over test
+    assert plain_forwards == 2 * 2 + 2 and cached_forwards == 2 + 2
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "eval_cache").glob("*.safetensors")) == ["test", "val"]
+    _, _, again = run(True, "again")
+    assert again == 0

@@ -189,6 +189,8 @@ class DistillModule(L.LightningModule):
         self.test_acc_top5 = accuracy(5) if self.top5 else None
         self.val_acc_best = MaxMetric()
         self.val_agreement, self.test_agreement = MeanMetric(), MeanMetric()
+        #: the active teacher's logits per val/test index, filled by distill.speed.EvalTeacherCache (else empty)
+        self.eval_teacher_logits: dict[str, Tensor] = {}
         self.val_kl, self.test_kl = MeanMetric(), MeanMetric()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
@@ -281,7 +283,7 @@ class DistillModule(L.LightningModule):
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=False, on_epoch=True)
 
     def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
-        images, labels, _ = batch
+        images, labels, indices = batch
         logits = self.active_network()(images)
         batch_size = images.shape[0]
         prefix = f"{self.log_prefix}{stage}"
@@ -293,7 +295,9 @@ class DistillModule(L.LightningModule):
             getattr(self, f"{stage}_acc_top5")(logits, labels)
             self.log(f"{prefix}/acc_top5", getattr(self, f"{stage}_acc_top5"), batch_size=batch_size)
         if self.active_teacher() is not None:
-            reference = self.teacher_logits(images)
+            cached = self.eval_teacher_logits.get(stage)
+            reference = (cached[indices.cpu()].to(logits.device) if cached is not None
+                         else self.teacher_logits(images))
             getattr(self, f"{stage}_agreement")(top1_agreement(logits, reference))
             getattr(self, f"{stage}_kl")(soft_target_kl(logits, reference))
             self.log(f"{prefix}/agreement", getattr(self, f"{stage}_agreement"), batch_size=batch_size)
