@@ -356,7 +356,7 @@ def sample_mixup(generator: torch.Generator, alpha: float = 1.0) -> float:
 
 def mix(images: Tensor, a: float) -> Tensor:
     """``a · x + (1 − a) · roll(x, 1)``: each image mixed with its neighbour in the batch."""
-    return a * images + (1.0 - a) * images.roll(1, dims=0)
+    return _mix_neighbours(images, a)
 
 
 def _empty_float32(shape: Sequence[int]) -> Tensor:
