@@ -5,9 +5,12 @@
 
 Both pipelines take the same uint8 batch (what the DataModule's workers decode) and return the same
 float32 batch of ``--out`` × ``--out`` crops: per sample, torchvision v2 ``RandomResizedCrop``
-(scale 0.08–1, ratio 3/4–4/3, antialiased) + ``RandomHorizontalFlip``, then stack and mixup (the
-data-loader way); batched, :mod:`distill.augment` (one ``grid_sample`` call, flip included). Figures are the median
-over ``--repeats`` timed runs after one warm-up. Not a test: timings depend on the machine.
+(scale 0.08–1, ratio 3/4–4/3, antialiased) + ``RandomHorizontalFlip``, then stack and
+:func:`distill.augment.mixup` (the data-loader way); batched, :func:`distill.augment.crop_resize` with
+the flips and the mixup done in the same pass (bilinear without anti-aliasing, as big_vision's
+``inception_crop``; on the CPU interpolation-matrix products, for large images banded and image by
+image). Figures are the median over ``--repeats`` timed runs after one warm-up. Not a test: timings
+depend on the machine.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ def per_sample(images: torch.Tensor, out: int, generator: torch.Generator) -> to
 def batched(images: torch.Tensor, out: int, generator: torch.Generator) -> torch.Tensor:
     b, _, h, w = images.shape
     boxes = augment.sample_inception_boxes(b, h, w, generator)
-    crops = augment.crop_resize(images, boxes, out, flips=augment.sample_flips(b, generator))
-    return augment.mixup(crops, generator)[0]
+    flips = augment.sample_flips(b, generator)
+    return augment.crop_resize(images, boxes, out, flips, mix=augment.sample_mixup(generator))
 
 
 def images_per_s(fn, images: torch.Tensor, out: int, repeats: int, device: torch.device) -> float:
@@ -70,7 +73,7 @@ def main() -> None:
     print(f"batch {args.batch}, {args.size} px -> {args.out} px crops, median of {args.repeats}")
     print("| pipeline | where | images/s |\n|---|---|---|")
     print(f"| per-sample torchvision v2 RandomResizedCrop + flip, stack, mixup | CPU, {args.threads} thread(s) | {slow:,.0f} |")
-    print(f"| batched distill.augment (grid_sample) crop + flip + mixup | {name} | {fast:,.0f} |")
+    print(f"| batched distill.augment.crop_resize, flip and mixup in the same pass | {name} | {fast:,.0f} |")
     print(f"speed-up: {fast / slow:.1f}x")
 
 

@@ -3,8 +3,9 @@
 Beyer et al. (2022) augment every training image with an inception crop and a flip and then mix the
 batch; doing that per sample in PIL/torchvision transforms would starve a GPU at the batch sizes and
 epoch counts of the paper. Here the random draws are a few numbers per image (made on the CPU with an
-explicit ``torch.Generator``, so they are identical on every device type), and the pixels are moved in
-one call for the whole batch (``torch.nn.functional.grid_sample`` with per-sample affine grids), on
+explicit ``torch.Generator``, so they are identical on every device type), and the pixels are moved by
+a few tensor operations for the whole batch (:func:`crop_resize`: separable bilinear resampling as
+batched gathers on a GPU, as interpolation-matrix products on the CPU, mixup in the same pass), on
 whatever device the batch is on.
 
 All functions are pure: the randomness comes only from the ``generator`` argument. A caller that
@@ -24,7 +25,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 INCEPTION_SCALE = (0.08, 1.0)
@@ -79,31 +79,254 @@ def central_boxes(batch: int, height: int, width: int, fraction: float = 1.0) ->
     return box.expand(batch, 4).clone()
 
 
-def crop_resize(images: Tensor, boxes: Tensor, size: int, flips: Tensor | None = None) -> Tensor:
+def crop_resize(images: Tensor, boxes: Tensor, size: int, flips: Tensor | None = None,
+                mix: float | None = None) -> Tensor:
     """Crop every image to its box, resize it to ``size`` × ``size`` and mirror it where ``flips``.
 
-    One ``grid_sample`` call for the whole batch: each image gets an affine sampling grid spanning its
-    box (mirrored left-right where ``flips`` is true, so flipping costs nothing). Bilinear sampling at
-    half-pixel centres without anti-aliasing, which is what the official code's ``inception_crop``
-    does (TF's ``tf.image.resize`` bilinear, ``antialias=False``); a box of the whole image at the
-    image's own size returns the image (up to float rounding). One difference from slicing first: the outermost
-    output pixels of a box inside the image interpolate towards the pixels just outside the box
-    instead of clamping at its edge. Integer images are converted to float32.
+    Bilinear sampling at half-pixel centres without anti-aliasing, which is what the official code's
+    ``inception_crop`` does (TF's ``tf.image.resize`` bilinear, ``antialias=False``); a box of the whole
+    image at the image's own size returns the image exactly. One difference from slicing first: the
+    outermost output pixels of a box inside the image interpolate towards the pixels just outside the
+    box instead of clamping at its edge (source positions are clamped to the image, as
+    ``grid_sample(..., padding_mode="border", align_corners=False)`` does). Boxes are continuous.
+
+    Bilinear resampling is separable: rows are blended, then columns, with the two taps and weights
+    of every output computed once per image (in float64, so the result agrees with an exact float64
+    resampling to about 1e-5 of the pixel range). How the passes run depends on where the batch is:
+    on a GPU as batched gathers (two source rows, then two columns per output); on the CPU as
+    matrix products with the interpolation matrices, for the whole batch at once when the images are
+    small, else image by image with banded matrices, so that each block of outputs reads only a
+    narrow window of the source (see ``benchmarks/augment.py``), and as gathers there too where
+    float32 products may run in bfloat16. uint8 images are converted to float only after the pixels
+    are picked.
+
+    ``mix``: a mixup coefficient ``a``; the result is then :func:`mix` of the crops with ``a``, done
+    while the crops are produced (on the CPU for large images without a second pass over the batch).
+    Any image dtype; the result is float32.
     """
-    if not images.is_floating_point():
-        images = images.float()
-    batch, channels, height, width = images.shape
-    boxes = boxes.to(device=images.device, dtype=images.dtype)
-    theta = images.new_zeros(batch, 2, 3)
-    # normalised coordinates [-1, 1] span the image's outer pixel edges (align_corners=False)
-    theta[:, 0, 0] = (boxes[:, 2] - boxes[:, 0]) / width
-    theta[:, 0, 2] = (boxes[:, 0] + boxes[:, 2]) / width - 1
-    theta[:, 1, 1] = (boxes[:, 3] - boxes[:, 1]) / height
-    theta[:, 1, 2] = (boxes[:, 1] + boxes[:, 3]) / height - 1
+    batch, _, height, width = images.shape
+    boxes = boxes.detach().to("cpu", torch.float64)
+    rows = _source_positions(boxes[:, 1], boxes[:, 3], size, height)
+    columns = _source_positions(boxes[:, 0], boxes[:, 2], size, width)
     if flips is not None:
-        theta[:, 0, 0] *= 1 - 2 * flips.to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        flips = flips.detach().to("cpu", torch.bool)
+    if images.device.type != "cpu" or not _exact_float32_matmul():
+        return _crop_resize_gathered(images, rows, columns, size, flips, mix)
+    if size * height * (width + size) <= _DENSE_LIMIT:
+        return _crop_resize_dense(images, rows, columns, size, flips, mix)
+    return _crop_resize_banded(images, rows, columns, size, flips, mix)
+
+
+# Multiply-adds per image and channel of the dense products up to which they beat the banded ones on
+# the CPU: their cost grows with the size cubed, the banded ones' mostly with the number of images
+# (about 64 px → 64 px, one thread, measured on the development machine).
+_DENSE_LIMIT = 64 * 64 * 128
+
+
+def _exact_float32_matmul() -> bool:
+    """Whether CPU float32 matrix products run in float32: a user may let them run in bfloat16
+    (``torch.set_float32_matmul_precision("medium")``), which is far too coarse for pixel values."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting is not None:
+        return setting in ("none", "ieee")
+    return torch.get_float32_matmul_precision() == "highest"
+
+
+def _source_positions(low: Tensor, high: Tensor, size: int, extent: int) -> Tensor:
+    """``[batch, size]`` float64 source coordinates of the output pixel centres, clamped to the image."""
+    centres = torch.arange(size, dtype=torch.float64) + 0.5
+    # dividing last keeps whole-pixel positions exact (a whole-image box at the image's own size)
+    positions = low[:, None] + (high - low)[:, None] * centres / size - 0.5
+    return positions.clamp(0, extent - 1)
+
+
+def _taps(positions: Tensor, extent: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The two source indices around each position and the weight of the second one (float32)."""
+    first = positions.floor()
+    weight = (positions - first).float()
+    first = first.long()
+    return first, (first + 1).clamp(max=extent - 1), weight
+
+
+def _block_size(size: int) -> int:
+    """Output columns per band block: a divisor of ``size`` near 16, or ``size`` when there is none."""
+    divisors = [d for d in range(8, 33) if size % d == 0]
+    return min(divisors, key=lambda d: abs(d - 16)) if divisors else size
+
+
+def _windows(first_taps: Tensor, second_taps: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Regular source windows for blocks of ``block`` outputs: in image i, block k reads ``length[i]``
+    source pixels from ``start[i] + k · step[i]``, which covers both taps of all its outputs.
+
+    A strided view can only express windows that advance by a constant step; the step is whichever
+    of the two integers around the average advance needs the shorter windows.
+    """
+    batch, size = first_taps.shape
+    blocks = size // block
+    lowest = first_taps.view(batch, blocks, block)[:, :, 0]
+    highest = second_taps.view(batch, blocks, block)[:, :, -1]
+    k = torch.arange(blocks)
+    floor = (lowest[:, -1] - lowest[:, 0]) // max(blocks - 1, 1)
+    steps = torch.stack([floor, floor + 1], dim=1)  # [batch, 2]
+    shifted = k * steps[:, :, None]
+    starts = (lowest[:, None, :] - shifted).amin(dim=2)
+    lengths = (highest[:, None, :] - shifted).amax(dim=2) - starts + 1
+    best = lengths.argmin(dim=1, keepdim=True)
+    return starts.gather(1, best)[:, 0], steps.gather(1, best)[:, 0], lengths.gather(1, best)[:, 0]
+
+
+def _band(first_taps: Tensor, second_taps: Tensor, weight: Tensor, start: Tensor, step: Tensor, length: int,
+          block: int) -> Tensor:
+    """``[batch, blocks, length, block]``: the interpolation weights of each block's outputs over its window."""
+    batch, size = first_taps.shape
+    blocks = size // block
+    offsets = (start[:, None] + torch.arange(blocks) * step[:, None]).view(batch, blocks, 1, 1)
+    shape = (batch, blocks, 1, block)
+    band = torch.zeros(batch, blocks, length, block)
+    band.scatter_(2, first_taps.view(shape) - offsets, (1 - weight).view(shape))
+    # added, not written: both taps are the same pixel where a position is clamped to the last one
+    band.scatter_add_(2, second_taps.view(shape) - offsets, weight.view(shape))
+    return band
+
+
+def _crop_resize_banded(images: Tensor, rows: Tensor, columns: Tensor, size: int, flips: Tensor | None,
+                        mix: float | None) -> Tensor:
+    # Both passes are matrix products with banded interpolation matrices, cut into blocks of outputs
+    # that each read a narrow window of the source (a strided view, no copy). Per image, the source
+    # rows and columns that the windows cover are converted to float once, channels interleaved so
+    # that one product blends the rows of all channels, then a second one blends the columns. The
+    # loop body runs once per image, so its views are made with as_strided (indexing costs more) and
+    # its buffers are allocated once.
+    batch, channels, height, width = images.shape
+    block = _block_size(size)
+    blocks = size // block
+    if flips is not None:
+        # a mirrored image sampled at mirrored positions, so that windows always advance rightwards
+        columns = torch.where(flips[:, None], (width - 1) - columns.flip(1), columns)
+    mirrored = flips.tolist() if flips is not None else [False] * batch
+    top, bottom, row_weight = _taps(rows, height)
+    left, right, column_weight = _taps(columns, width)
+    row_start, row_step, row_length = _windows(top, bottom, block)
+    column_start, column_step, column_length = _windows(left, right, block)
+    longest_rows, longest_columns = int(row_length.max()), int(column_length.max())
+    row_band = _band(top, bottom, row_weight, row_start, row_step, longest_rows, block)
+    column_band = _band(left, right, column_weight, column_start, column_step, longest_columns, block)
+    row_span = (blocks - 1) * row_step + row_length
+    column_span = (blocks - 1) * column_step + column_length
+
+    # each image lays its region out with its own row pitch
+    source = torch.zeros(int((row_span * column_span).max()) * channels)
+    floating = images.is_floating_point()
+    blended = torch.empty(int(column_span.max()) * size * channels)
+    crops = [torch.empty(blocks, size, channels, block) for _ in range(3)]
+    out = _empty_float32((batch, channels, size, size))
+    plan = torch.stack([row_start, row_span, row_step, row_length,
+                        column_start, column_span, column_step, column_length], dim=1).tolist()
+    image_stride, channel_stride, row_stride, column_stride = images.stride()
+    image_offset = images.storage_offset()
+
+    def crop(i: int, into: int) -> Tensor:
+        """Image i's crop into ``crops[into]``."""
+        y0, span_rows, y_step, y_length, x0, span_columns, x_step, x_length = plan[i]
+        pitch = channels * span_columns
+        top, bottom = max(-y0, 0), min(height - y0, span_rows)
+        left, right = max(-x0, 0), min(width - x0, span_columns)
+        if floating and (top or left or bottom < span_rows or right < span_columns):
+            # windows reaching past the image edge give the pixels there weight 0, and what the
+            # buffer holds there is left from earlier images; integer pixels are finite, float ones
+            # might not be (0 · inf is nan), so those parts are cleared
+            region = source.as_strided((span_rows, pitch), (pitch, 1))
+            region[:top].zero_()
+            region[bottom:].zero_()
+            region = source.as_strided((bottom - top, channels, span_columns), (pitch, span_columns, 1),
+                                       top * pitch)
+            region[:, :, :left].zero_()
+            region[:, :, right:].zero_()
+        first_column = width - x0 - right if mirrored[i] else x0 + left
+        pixels = images.as_strided((bottom - top, channels, right - left),
+                                   (row_stride, channel_stride, column_stride),
+                                   image_offset + i * image_stride + (y0 + top) * row_stride
+                                   + first_column * column_stride)
+        if mirrored[i]:
+            pixels = pixels.flip(-1)
+        source.as_strided((bottom - top, channels, right - left), (pitch, span_columns, 1),
+                          top * pitch + left).copy_(pixels)
+        band_offset = i * blocks * block
+        torch.bmm(row_band.as_strided((blocks, block, y_length), (longest_rows * block, 1, block),
+                                      band_offset * longest_rows),
+                  source.as_strided((blocks, y_length, pitch), (y_step * pitch, pitch, 1)),
+                  out=blended.as_strided((blocks, block, pitch), (block * pitch, pitch, 1)))
+        torch.bmm(blended.as_strided((blocks, size * channels, x_length), (x_step, span_columns, 1)),
+                  column_band.as_strided((blocks, x_length, block), (longest_columns * block, block, 1),
+                                         band_offset * longest_columns),
+                  out=crops[into].view(blocks, size * channels, block))
+        return crops[into]
+
+    def target(i: int) -> Tensor:
+        """Image i's place in ``out``, in the crops' layout."""
+        return out.as_strided((blocks, size, channels, block), (block, size, size * size, 1),
+                              i * channels * size * size)
+
+    if mix is None:
+        for i in range(batch):
+            target(i).copy_(crop(i, 0))
+        return out
+    # each crop is blended with the previous one while both are still in the cache
+    previous = final = crop(batch - 1, 2)
+    for i in range(batch):
+        current = final if i == batch - 1 else crop(i, i % 2)
+        torch.lerp(previous, current, mix, out=target(i))
+        previous = current
+    return out
+
+
+def _interpolation_matrix(positions: Tensor, extent: int) -> Tensor:
+    """``[batch, size, extent]``: row j holds the two bilinear weights of output j."""
+    first, second, weight = _taps(positions, extent)
+    matrix = torch.zeros(*positions.shape, extent)
+    matrix.scatter_(2, first[:, :, None], (1 - weight)[:, :, None])
+    matrix.scatter_add_(2, second[:, :, None], weight[:, :, None])
+    return matrix
+
+
+def _crop_resize_dense(images: Tensor, rows: Tensor, columns: Tensor, size: int, flips: Tensor | None,
+                       mix: float | None) -> Tensor:
+    # Two products with the full interpolation matrices for the whole batch: for small images the
+    # multiplications by zero cost less than handling the images one at a time.
+    batch, channels, height, width = images.shape
+    if flips is not None:
+        columns = torch.where(flips[:, None], columns.flip(1), columns)
+    blended = torch.bmm(images.reshape(batch, channels * height, width).float(),
+                        _interpolation_matrix(columns, width).transpose(1, 2))
+    out = torch.matmul(_interpolation_matrix(rows, height)[:, None], blended.view(batch, channels, height, size))
+    return out if mix is None else _mix_neighbours(out, mix)
+
+
+def _crop_resize_gathered(images: Tensor, rows: Tensor, columns: Tensor, size: int, flips: Tensor | None,
+                          mix: float | None) -> Tensor:
+    # Element-wise gathers: two rows, then two columns per output. Few large kernels, which suits a
+    # GPU; on the CPU a gather costs more per element than the matrix products do.
+    batch, channels, height, width = images.shape
+    device = images.device
+    if flips is not None:
+        columns = torch.where(flips[:, None], columns.flip(1), columns)
+    top, bottom, row_weight = (t.to(device) for t in _taps(rows, height))
+    left, right, column_weight = (t.to(device) for t in _taps(columns, width))
+    planes = torch.arange(batch, device=device)[:, None] * channels + torch.arange(channels, device=device)
+    planes = planes * height
+    picks = planes[:, :, None] + torch.cat([top, bottom], dim=1)[:, None, :]
+    pairs = torch.cat([left, right], dim=1)[:, None, None, :]
+    flat = images.reshape(batch * channels * height, width)
+    out = torch.empty(batch, channels, size, size, device=device)
+    chunk = max(1, 2**26 // (channels * 2 * size * max(width, 2 * size)))  # bounds the float temporaries
+    for s in range(0, batch, chunk):
+        e = min(s + chunk, batch)
+        picked = flat.index_select(0, picks[s:e].reshape(-1)).view(e - s, channels, 2 * size, width).float()
+        blended = torch.lerp(picked[:, :, :size], picked[:, :, size:], row_weight[s:e, None, :, None])
+        sampled = blended.gather(3, pairs[s:e].expand(e - s, channels, size, 2 * size))
+        torch.lerp(sampled[..., :size], sampled[..., size:], column_weight[s:e, None, None, :], out=out[s:e])
+    return out if mix is None else _mix_neighbours(out, mix)
 
 
 def sample_flips(batch: int, generator: torch.Generator) -> Tensor:
@@ -133,7 +356,26 @@ def sample_mixup(generator: torch.Generator, alpha: float = 1.0) -> float:
 
 def mix(images: Tensor, a: float) -> Tensor:
     """``a · x + (1 − a) · roll(x, 1)``: each image mixed with its neighbour in the batch."""
-    return a * images + (1.0 - a) * images.roll(1, dims=0)
+    return _mix_neighbours(images, a)
+
+
+def _empty_float32(shape: Sequence[int]) -> Tensor:
+    # A new batch-sized CPU tensor spends about as long faulting its 4 KiB pages in as a crop takes
+    # to compute; NumPy asks Linux for huge pages for large arrays (torch only with the environment
+    # variable THP_MEM_ALLOC_ENABLE set), which cuts that to a few faults.
+    return torch.from_numpy(np.empty(tuple(shape), np.float32))
+
+
+def _mix_neighbours(images: Tensor, a: float) -> Tensor:
+    # one pass into one new tensor; the rolled copy and three temporaries of the plain formula cost
+    # four times as much on a large batch
+    if not images.is_floating_point():
+        images = images.float()
+    out = _empty_float32(images.shape) if images.dtype == torch.float32 and images.device.type == "cpu" \
+        else torch.empty_like(images)
+    torch.lerp(images[-1:], images[:1], a, out=out[:1])
+    torch.lerp(images[:-1], images[1:], a, out=out[1:])
+    return out
 
 
 def mixup(images: Tensor, generator: torch.Generator, alpha: float = 1.0) -> tuple[Tensor, float]:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torchvision.transforms.v2 import functional as TF
 
@@ -59,6 +60,85 @@ def test_crop_resize_matches_a_per_sample_bilinear_crop():
     torch.testing.assert_close(augment.crop_resize(images, augment.central_boxes(3, 20, 20), 20), images)
     flips = torch.tensor([True, False, True])
     torch.testing.assert_close(augment.crop_resize(images, boxes, 12, flips), augment.flip(out, flips))
+
+
+def _grid_sample_crops(images, boxes, size, flips=None):
+    """The reference: one affine grid per image and ``grid_sample``, all in float64."""
+    batch, channels, height, width = images.shape
+    x1, y1, x2, y2 = boxes.double().unbind(1)
+    theta = torch.zeros(batch, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = (x2 - x1) / width * (1 - 2 * flips.double() if flips is not None else 1)
+    theta[:, 0, 2] = (x1 + x2) / width - 1
+    theta[:, 1, 1] = (y2 - y1) / height
+    theta[:, 1, 2] = (y1 + y2) / height - 1
+    grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
+    return F.grid_sample(images.double(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# every way crop_resize can run, all of them usable on the CPU
+CROP_PATHS = {"dense": augment._crop_resize_dense, "banded": augment._crop_resize_banded,
+              "gathered": augment._crop_resize_gathered}
+
+
+def _crop_with(path, images, boxes, size, flips=None, mix=None):
+    height, width = images.shape[-2:]
+    boxes = boxes.double()
+    rows = augment._source_positions(boxes[:, 1], boxes[:, 3], size, height)
+    columns = augment._source_positions(boxes[:, 0], boxes[:, 2], size, width)
+    return CROP_PATHS[path](images, rows, columns, size, flips, mix)
+
+
+@pytest.mark.parametrize("path", list(CROP_PATHS))
+@pytest.mark.parametrize("shape", [(6, 160, 160, 128), (5, 28, 28, 28), (4, 20, 30, 12), (4, 24, 40, 29),
+                                   (3, 9, 9, 40)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_crop_resize_matches_grid_sample_on_random_boxes(path, shape, dtype):
+    n, height, width, size = shape
+    generator = torch.Generator().manual_seed(sum(shape))
+    images = torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=generator)
+    if dtype.is_floating_point:
+        images = images + torch.rand(images.shape, generator=generator)
+    boxes = augment.sample_inception_boxes(n, height, width, generator)
+    boxes[0] = torch.tensor([-3.3, -2.0, width + 4.1, height + 1.7])  # past the image: clamped positions
+    boxes[1] = torch.tensor([width - 2.5, 0.2, width, 3.1])  # a sliver at the right edge
+    flips = augment.sample_flips(n, generator)
+    flips[:2] = True
+    for mirror in (None, flips):
+        reference = _grid_sample_crops(images, boxes, size, mirror)
+        crops = _crop_with(path, images, boxes, size, mirror)
+        assert crops.dtype == torch.float32
+        torch.testing.assert_close(crops.double(), reference, atol=1e-4, rtol=0)
+        mixed = _crop_with(path, images, boxes, size, mirror, mix=0.7)
+        torch.testing.assert_close(mixed.double(), 0.7 * reference + 0.3 * reference.roll(1, 0), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("path", list(CROP_PATHS))
+@pytest.mark.parametrize("size", [16, 80])
+def test_crop_resize_of_the_whole_image_at_its_size_is_the_image(path, size):
+    images = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    crops = _crop_with(path, images, augment.central_boxes(3, size, size), size)
+    assert torch.equal(crops, images.float())
+
+
+def test_crop_resize_keeps_non_finite_pixels_in_their_image():
+    images = batch(4, 160) * 255
+    images[0, :, :, 0] = float("inf")
+    boxes = torch.tensor([[0.0, 0, 160, 160], [0.2, 0.3, 100.7, 90.1], [-2.0, 0.3, 100.7, 90.1],
+                          [0.1, 0.3, 120.7, 162]])  # the last two reach past the image
+    crops = augment.crop_resize(images, boxes, 128)
+    assert not crops[0].isfinite().all() and crops[1:].isfinite().all()
+
+
+def test_crop_resize_stays_exact_when_float32_products_may_run_in_bfloat16():
+    images = torch.randint(0, 256, (4, 3, 160, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = augment.sample_inception_boxes(4, 160, 160, torch.Generator().manual_seed(1))
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        crops = augment.crop_resize(images, boxes, 128)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    torch.testing.assert_close(crops.double(), _grid_sample_crops(images, boxes, 128), atol=1e-4, rtol=0)
 
 
 def test_mixup_coefficient_and_partner():

@@ -218,18 +218,16 @@ class PatientConsistentKD(DistillModule):
             return boxes, augment.sample_flips(batch, generator) if hp.flip else None
 
         boxes, flips = crops()
-        student = augment.crop_resize(images, boxes, size, flips)
+        # function matching mixes the crops; crop_resize does that while it cuts them
+        a = augment.sample_mixup(generator, hp.mixup_alpha) if self.teaching == "function_matching" else None
+        student = augment.crop_resize(images, boxes, size, flips, mix=a)
         if self.teaching == "fixed":
             return Views(student, None, None)
         if self.teaching == "independent":
             boxes, flips = crops()
             return Views(student, augment.crop_resize(images, boxes, teacher_size, flips), None)
-        teacher = student if teacher_size == size else augment.crop_resize(images, boxes, teacher_size, flips)
-        if self.teaching == "consistent":
-            return Views(student, teacher, None)
-        a = augment.sample_mixup(generator, hp.mixup_alpha)
-        student = augment.mix(student, a)
-        return Views(student, student if teacher_size == size else augment.mix(teacher, a), a)
+        teacher = student if teacher_size == size else augment.crop_resize(images, boxes, teacher_size, flips, mix=a)
+        return Views(student, teacher, a)
 
     def batch_generator(self, batch_idx: int) -> torch.Generator:
         rank = self.trainer.global_rank if self._trainer is not None else 0
