@@ -215,3 +215,26 @@ def test_teacher_cache_needs_unaugmented_data(tmp_path, teacher_file):
                                    datamodule=fake_datamodule(augment="cifar"))
     with pytest.raises(ConfigError, match="cache_teacher_outputs"):
         kd_module(teacher_file, teacher_cache="x.safetensors")
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_trainer_gradient_clipping_applies_to_every_method(tmp_path, clip):
+    """The Trainer's gradient_clip_val clips (norm) a DistillModule's gradients; without it nothing is clipped."""
+    norms = []
+
+    class Recorder(Supervised):
+        def training_losses(self, images, labels):
+            logits, losses = super().training_losses(images, labels)
+            return logits, {**losses, "loss": losses["loss"] * 1e4}  # gradients far above any clip
+
+        def on_train_start(self):
+            super().on_train_start()
+            # SGD leaves .grad alone, so after the step the gradients are those Lightning clipped (or not)
+            self.trainer.optimizers[0].register_step_post_hook(lambda *_: norms.append(
+                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.student.parameters()]))))
+
+    model = Recorder(student="mlp_30_30", num_classes=10, in_channels=3, image_size=16)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                           gradient_clip_val=clip)
+    trainer.fit(model, datamodule=fake_datamodule())
+    assert norms and (norms[0] <= 0.5 + 1e-4 if clip else norms[0] > 10)
