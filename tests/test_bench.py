@@ -168,6 +168,22 @@ def test_trainer_default_profiler_is_swapped_for_a_cheaper_no_op_and_a_real_one_
     assert type(profiled.profiler) is SimpleProfiler
 
 
+def test_epoch_checkpoint_is_a_model_checkpoint_under_its_key_and_still_saves_by_steps(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from distill.methods.base import EpochCheckpoint
+
+    for options in (dict(monitor="val/acc", mode="max", save_last=True), dict(monitor=None, save_top_k=1),
+                    dict(every_n_train_steps=2, save_top_k=-1)):
+        assert EpochCheckpoint(**options).state_key == ModelCheckpoint(**options).state_key
+    from distill.bench import _EmptyStep
+
+    steps = EpochCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    loader = torch.utils.data.DataLoader([(torch.ones(2),)] * 3, batch_size=None)
+    tiny_trainer(tmp_path, max_epochs=1, callbacks=[steps]).fit(_EmptyStep(), train_dataloaders=loader)
+    assert [p.name for p in (tmp_path / "steps").iterdir()] == ["step=2.ckpt"]  # 3 batches: one at step 2
+
+
 def test_batch_transfer_matches_lightnings(teacher_file):
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
