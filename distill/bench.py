@@ -172,8 +172,9 @@ def kd_bound(module: DistillModule) -> Bound:
 
     def loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         images, labels, indices = batch
+        logits = student(images)  # before the teacher, as in the methods' steps
         target = cached[indices] if cached is not None else _frozen_forward(teacher, images)
-        return hinton_kd_objective(student(images), target, labels, **settings)["loss"]
+        return hinton_kd_objective(logits, target, labels, **settings)["loss"]
     return Bound(loss, *recipe_optimizer(module))
 
 

@@ -41,6 +41,9 @@ TEACHER_PREFIX = "teacher."
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 # Returning None from training_step is how `nonfinite_loss = "skip"` skips a batch.
 warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+# DistillModule moves batches itself (transfer_batch_to_device); Lightning says so once per run when a
+# DataModule is given, though one that moves batches its own way still takes precedence.
+warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but")
 
 
 #: Attributes set around every hook call (Lightning's ``_current_fx_name``, about 40 times a training
