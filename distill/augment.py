@@ -36,7 +36,11 @@ def batch_generator(*keys: int) -> torch.Generator:
 
     ``numpy.random.SeedSequence`` mixes the keys, so neighbouring steps or ranks get unrelated streams.
     """
-    state = np.random.SeedSequence([int(k) % 2**63 for k in keys]).generate_state(2, np.uint32)
+    keys = [int(k) % 2**63 for k in keys]
+    # SeedSequence turns a list of ints into 32-bit words in Python (~15 µs of a training step); keys
+    # below 2**32 are one word each, so an array of them is the same entropy, taken as it is.
+    entropy = np.array(keys, dtype=np.uint32) if max(keys, default=0) < 2**32 else keys
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

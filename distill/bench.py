@@ -4,21 +4,30 @@
 ``--json PATH``, writes one record per measurement. Kinds of measurement:
 
 * ``step``: a method's training step, run by a minimal ``lightning.Trainer`` (no logger, no
-  checkpoints, no validation) on batches already in memory on the device, so ``self.log``,
-  torchmetrics and Lightning's automatic optimisation all run as in a real fit. Interleaved with
-  it, in the same process and on the same networks, batches and precision, the **bound**: plain
-  torch doing one student forward + backward + SGD step plus one teacher forward (under
-  ``inference_mode``). ``ratio`` is the share of the bound the method reaches: the median, over
-  ``--repeats`` alternating measurements, of (method images/s) / (bound images/s) measured back to
-  back; ``images_per_s`` and ``bound_images_per_s`` are the medians of each.
+  checkpoints, no validation) on batches already in memory on the device, so ``self.log``, our
+  callbacks and Lightning's automatic optimisation all run as in a real fit. Interleaved with it, in
+  the same process and on the same networks, batches and precision, the **bound**: the same
+  computation in plain torch, nothing of Lightning and none of our bookkeeping (metrics, logging,
+  the non-finite check, per-step seeding). Per row (:class:`Bound`, built by the row's
+  ``MethodBench.bound``): the on-device augmentation if the method augments inside its step
+  (PatientConsistentKD's crops, flips and mixup; other methods augment in the DataLoader, outside
+  the step), the teacher's forward pass under ``inference_mode`` (or, with a teacher cache, the
+  lookup of its logits), the trained network's forward pass, the method's loss (the functions of
+  :mod:`distill.losses`, ResidualKD's ``feature_mse``), backward, the recipe's gradient clipping (if
+  any), and the step of the optimiser and per-step schedule that the method's own
+  ``configure_optimizers`` builds (SGD with momentum and weight decay by default; PatientConsistentKD's
+  AdamW, warm-up/cosine schedule and norm clipping at 1). ``ratio`` is the share of the bound the
+  method reaches: the median, over ``--repeats`` alternating measurements, of (method images/s) /
+  (bound images/s) measured back to back; ``images_per_s`` and ``bound_images_per_s`` are the
+  medians of each.
 * ``fit``: the full loop, ``Trainer.fit`` with the real :class:`~distill.data.DistillDataModule`,
   training only, and the share of its time spent waiting for data (:class:`DataWait`).
 * ``ddp``: ``distill fit`` in a subprocess with 1 and 2 CPU processes (``train_images_per_s`` of
   its ``results.json``).
 
 Methods plug in through :data:`METHODS`: one :class:`MethodBench` entry per row (a staged method has
-one per stage) saying how to build the module from a :class:`BenchContext`; the step itself is always
-the module's own ``training_step``.
+one per stage) saying how to build the module from a :class:`BenchContext` and what its plain-torch
+bound computes; the step itself is always the module's own ``training_step``.
 """
 
 from __future__ import annotations
@@ -46,8 +55,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from distill import teacher_cache
+from distill.losses import hinton_kd_objective, kd_loss
 from distill.methods import BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised, TeacherAssistantKD
-from distill.methods.residual_kd import StudentAlone
+from distill.methods.residual_kd import feature_mse
 from distill.speed import apply_speed_options
 from distill.teachers import NetworkSpec, save_network
 
@@ -110,10 +120,94 @@ class BenchContext:
                     image_size=self.pair.image_size)
 
 
-def default_bound_networks(module: DistillModule) -> tuple[nn.Module, list[nn.Module]]:
-    """The bound's trained network and frozen forward-only networks: the active student and its teacher."""
-    teacher = module.active_teacher()
-    return module.active_network(), [] if teacher is None else [teacher]
+@dataclass
+class Bound:
+    """What a row's plain-torch bound does per step: ``loss(batch)`` (the forward passes of the method's
+    recipe, its on-device augmentation and its loss), then backward, ``clip_norm`` (if any), the
+    optimiser's step and the per-step ``scheduler`` (if any). Nothing of Lightning, our metrics,
+    logging, checks or seeding."""
+
+    loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    clip_norm: float | None = None
+
+
+def recipe_optimizer(module: DistillModule) -> tuple[torch.optim.Optimizer, Any]:
+    """The method's own optimiser, and its learning-rate schedule if that steps every batch, as the
+    method's ``configure_optimizers`` builds them (same class, settings and parameter groups): plain
+    torch objects, separate from the ones the Trainer gets."""
+    config = module.configure_optimizers()
+    if not isinstance(config, dict):
+        return config, None
+    schedule = config.get("lr_scheduler") or {}
+    return config["optimizer"], schedule["scheduler"] if schedule.get("interval") == "step" else None
+
+
+def _frozen_forward(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return network(images)
+
+
+def supervised_bound(module: DistillModule) -> Bound:
+    """Cross-entropy training of the student."""
+    student, smoothing = module.active_network(), module.hparams.label_smoothing
+
+    def loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(student(batch[0]).float(), batch[1], label_smoothing=smoothing)
+    return Bound(loss, *recipe_optimizer(module))
+
+
+def kd_bound(module: DistillModule) -> Bound:
+    """Hinton KD of the trained network from its teacher's forward pass (BaselineKD, a TAKD stage), or
+    from the cached teacher logits looked up by index (``cached_logits``)."""
+    student, teacher = module.active_network(), module.active_teacher()
+    cached: torch.Tensor | None = getattr(module, "cached_logits", None)
+    stage = getattr(module, "stage", None)
+    if isinstance(module, TeacherAssistantKD):
+        settings = dict(temperature=module.stage_temperature[stage], alpha=module.stage_alpha[stage])
+    else:
+        hp = module.hparams
+        settings = dict(temperature=hp.temperature, alpha=hp.alpha, label_smoothing=hp.label_smoothing)
+
+    def loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images, labels, indices = batch
+        logits = student(images)  # before the teacher, as in the methods' steps
+        target = cached[indices] if cached is not None else _frozen_forward(teacher, images)
+        return hinton_kd_objective(logits, target, labels, **settings)["loss"]
+    return Bound(loss, *recipe_optimizer(module))
+
+
+def residual_bound(module: DistillModule) -> Bound:
+    """ResidualKD (M.1): the teacher's final feature map; stage 1: S (and its connector) matched to it;
+    stage 2: A matched to the residual of the frozen S."""
+    pair, teacher, stage = module.student, module.teacher, module.stage_name
+
+    def loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images = batch[0]
+        with torch.inference_mode():
+            target = teacher.forward_features(images)[-1]
+        if stage == "student":
+            return feature_mse(pair.student_feature(images), target)
+        with torch.no_grad():
+            target = target - pair.student_feature(images)
+        return feature_mse(pair.assistant_feature(images), target)
+    return Bound(loss, *recipe_optimizer(module))
+
+
+def patient_bound(module: DistillModule, generator: torch.Generator | None = None) -> Bound:
+    """PatientConsistentKD: the teaching's crops/flips/mixup of the batch on the device (one generator
+    for the whole run), the teacher on its view (or the cached logits), τ²·KL, and the recipe's AdamW,
+    per-step warm-up/cosine schedule and gradient-norm clipping."""
+    generator = generator or torch.Generator().manual_seed(0)
+    temperature, cached = module.hparams.temperature, module.cached_logits
+
+    def loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images, _, indices = batch
+        views = module.make_views(images, generator)
+        target = cached[indices] if views.teacher is None else _frozen_forward(module.teacher, views.teacher)
+        return kd_loss(module.student(views.student), target, temperature)
+    return Bound(loss, *recipe_optimizer(module), clip_norm=module.hparams.grad_clip_norm or None)
 
 
 @dataclass(frozen=True)
@@ -122,15 +216,15 @@ class MethodBench:
 
     Args:
         build: makes the module, in the state whose step is measured (e.g. a TAKD stage).
+        bound: the row's plain-torch bound, from the built module (see :class:`Bound`).
         teacher_role: which network of the pair teaches (``teacher``/``assistant``), for the table; None: none.
         student_role: which network of the pair is trained.
-        bound_networks: the networks of the plain-torch bound: ``(trained, [forward only, ...])``.
     """
 
     build: Callable[[BenchContext], DistillModule]
+    bound: Callable[[DistillModule], Bound]
     teacher_role: str | None = "teacher"
     student_role: str = "student"
-    bound_networks: Callable[[DistillModule], tuple[nn.Module, list[nn.Module]]] = default_bound_networks
 
 
 def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
@@ -152,10 +246,6 @@ def _cached_kd(context: BenchContext) -> DistillModule:
     return module
 
 
-def _student_alone(module: DistillModule) -> tuple[nn.Module, list[nn.Module]]:
-    return module.active_network(), []
-
-
 def _residual_stage(stage: int) -> Callable[[BenchContext], DistillModule]:
     # The module pinned to one stage (stage 1 trains S, stage 2 trains A with S frozen). S is the pair's
     # student and A the same network at a quarter of its width (given, not derived: derivation needs a
@@ -174,14 +264,6 @@ def _residual_stage(stage: int) -> Callable[[BenchContext], DistillModule]:
     return build
 
 
-def _residual_bound(module: DistillModule) -> tuple[nn.Module, list[nn.Module]]:
-    # S's (stage 1) or A's (stage 2, S forward-only) step plus the teacher's forward pass.
-    pair, teacher = module.student, module.active_teacher()
-    if module.stage == 0:
-        return StudentAlone(pair), [teacher]
-    return pair.assistant, [StudentAlone(pair), teacher]
-
-
 def _patient(teaching: str) -> Callable[[BenchContext], DistillModule]:
     def build(context: BenchContext) -> DistillModule:
         module = PatientConsistentKD(context.pair.student, teacher=context.network_file("teacher"), teaching=teaching,
@@ -198,19 +280,19 @@ def _teacher_outputs(module: DistillModule, context: BenchContext) -> torch.Tens
     return teacher_cache.compute(context.batches, module.teacher_logits, size, context.batches[0][0].device)
 
 
-#: Method rows, in table order. New methods add one entry per measured setting or stage.
-#: ``BaselineKD+cache`` looks the teacher's logits up (``cache_teacher_outputs``): its bound is the
-#: student's step alone, so the row compares directly with Supervised's.
+#: Method rows, in table order. New methods add one entry per measured setting or stage, with the
+#: plain-torch bound of what that setting must compute. ``BaselineKD+cache`` looks the teacher's logits
+#: up (``cache_teacher_outputs``), so its bound has no teacher forward either.
 METHODS: dict[str, MethodBench] = {
-    "Supervised": MethodBench(lambda c: Supervised(c.pair.student, **c.geometry), teacher_role=None),
-    "BaselineKD": MethodBench(lambda c: BaselineKD(c.pair.student, teacher=c.network_file("teacher"), **c.geometry)),
-    "BaselineKD+cache": MethodBench(_cached_kd, bound_networks=_student_alone),
-    "TeacherAssistantKD/ta1": MethodBench(_takd_stage("ta1"), student_role="assistant"),
-    "TeacherAssistantKD/student": MethodBench(_takd_stage("student"), teacher_role="assistant"),
-    "ResidualKD/student": MethodBench(_residual_stage(0), bound_networks=_residual_bound),
-    "ResidualKD/assistant": MethodBench(_residual_stage(1), bound_networks=_residual_bound),
-    **{f"PatientConsistentKD/{teaching}": MethodBench(
-        _patient(teaching), bound_networks=_student_alone if teaching == "fixed" else default_bound_networks)
+    "Supervised": MethodBench(lambda c: Supervised(c.pair.student, **c.geometry), supervised_bound, teacher_role=None),
+    "BaselineKD": MethodBench(lambda c: BaselineKD(c.pair.student, teacher=c.network_file("teacher"), **c.geometry),
+                              kd_bound),
+    "BaselineKD+cache": MethodBench(_cached_kd, kd_bound),
+    "TeacherAssistantKD/ta1": MethodBench(_takd_stage("ta1"), kd_bound, student_role="assistant"),
+    "TeacherAssistantKD/student": MethodBench(_takd_stage("student"), kd_bound, teacher_role="assistant"),
+    "ResidualKD/student": MethodBench(_residual_stage(0), residual_bound),
+    "ResidualKD/assistant": MethodBench(_residual_stage(1), residual_bound),
+    **{f"PatientConsistentKD/{teaching}": MethodBench(_patient(teaching), patient_bound)
        for teaching in ("fixed", "independent", "consistent", "function_matching")},
 }
 
@@ -252,25 +334,24 @@ def _sync(device: torch.device) -> None:
 
 
 class PlainStep:
-    """The bound: the same networks trained with plain torch, teacher forward under inference_mode."""
+    """Runs a row's :class:`Bound` in plain torch: the loss under the row's autocast, then
+    ``zero_grad(set_to_none=True)``, backward, clipping, the optimiser's and the schedule's step."""
 
-    def __init__(self, trained: nn.Module, frozen: list[nn.Module], device: torch.device, precision: str) -> None:
-        self.trained, self.frozen, self.device, self.precision = trained, frozen, device, precision
-        # DistillModule's default optimiser (SGD, momentum 0.9, weight decay 5e-4)
-        self.optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1e-3,
-                                         momentum=0.9, weight_decay=5e-4)
+    def __init__(self, bound: Bound, device: torch.device, precision: str) -> None:
+        self.bound, self.device, self.precision = bound, device, precision
+        self.params = [p for group in bound.optimizer.param_groups for p in group["params"]]
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> None:
-        images, labels = batch[0], batch[1]
+        bound = self.bound
         with _autocast(self.device, self.precision):
-            logits = self.trained(images)
-            with torch.inference_mode():
-                for network in self.frozen:
-                    network(images)
-            loss = F.cross_entropy(logits.float(), labels)
-        self.optimizer.zero_grad(set_to_none=True)
+            loss = bound.loss(batch)
+        bound.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        if bound.clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, bound.clip_norm)
+        bound.optimizer.step()
+        if bound.scheduler is not None:
+            bound.scheduler.step()
 
     def seconds(self, batches: list, steps: int) -> float:
         _sync(self.device)
@@ -356,8 +437,7 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
         module.to(device)
         if spec.channels_last:
             batches[:] = [(x.to(memory_format=torch.channels_last), y, i) for x, y, i in batches]
-        trained, frozen = entry.bound_networks(module)
-        bound = PlainStep(trained, frozen, device, spec.precision)
+        bound = PlainStep(entry.bound(module), device, spec.precision)
         timer = Interleave(bound, batches, spec.warmup, spec.steps, device)
         total = spec.warmup + spec.steps * spec.repeats
         loader = torch.utils.data.DataLoader(_Cycle(batches, total), batch_size=None)

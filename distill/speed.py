@@ -17,9 +17,12 @@ same autocast as the student: in bf16 with ``trainer.precision: bf16-mixed``.
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.profilers import PassThroughProfiler
 from torch import nn
 
 from distill.errors import ConfigError
@@ -64,6 +67,32 @@ def apply_speed_options(module: nn.Module, channels_last: bool = False, compile:
             network.to(memory_format=torch.channels_last)
         if mode is not None:
             network.compile(mode=mode)
+
+
+class _Unprofiled(PassThroughProfiler):
+    """Lightning's default "no profiler", without a generator-based context manager per call.
+
+    The Trainer wraps every hook call (of the module, the strategy and each callback: about 90 per
+    training step) in ``profiler.profile(name)``; the default profiler's is a ``@contextmanager``
+    that records nothing and costs ~1.2 µs a call on a CPU, 0.1 ms a step.
+    """
+
+    _none = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return self._none
+
+
+def trim_loop_overhead(trainer: L.Trainer) -> None:
+    """Swaps the Trainer's default no-op profiler for a cheaper no-op (a configured profiler is kept).
+
+    Every :class:`~distill.methods.DistillModule` run does this at setup (through its
+    ``TrainingThroughput`` callback).
+    """
+    if type(trainer.profiler) is PassThroughProfiler:
+        unprofiled = _Unprofiled()
+        unprofiled.__dict__.update(trainer.profiler.__dict__)  # whatever the Trainer set up on it so far
+        trainer.profiler = unprofiled
 
 
 class SpeedOptions(Callback):
@@ -144,4 +173,5 @@ class EvalTeacherCache(Callback):
         self._fill(trainer, pl_module, "test")
 
 
-__all__ = ["SpeedOptions", "EvalTeacherCache", "apply_speed_options", "networks_of", "resolve_compile", "COMPILE_MODES"]
+__all__ = ["SpeedOptions", "EvalTeacherCache", "trim_loop_overhead", "apply_speed_options", "networks_of",
+           "resolve_compile", "COMPILE_MODES"]

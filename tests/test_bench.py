@@ -136,6 +136,94 @@ def test_epoch_means_weight_by_batch_size():
     assert means.compute() == {}  # reset for the next epoch
 
 
+def test_epoch_means_fold_in_chunks_and_count_per_sample_values(monkeypatch):
+    monkeypatch.setattr(EpochMeans, "fold_every", 4)
+    means = EpochMeans()
+    generator = torch.Generator().manual_seed(0)
+    losses, hits, sizes = [], [], [8, 8, 8, 8, 8, 8, 8, 8, 8, 3]  # 10 steps: two folds and a rest
+    for size in sizes:
+        losses.append(torch.rand((), generator=generator))
+        hits.append(torch.rand(size, generator=generator) < 0.5)
+        means.update({"loss": losses[-1], "acc": hits[-1]}, size)
+    result = means.compute()
+    expected = sum(value.item() * size for value, size in zip(losses, sizes)) / sum(sizes)
+    assert result["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert result["acc"].item() == pytest.approx(torch.cat(hits).float().mean().item(), rel=1e-6)
+    assert means.compute() == {} and means.count == 0
+
+
+def test_trainer_default_profiler_is_swapped_for_a_cheaper_no_op_and_a_real_one_kept(tmp_path):
+    from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
+
+    from distill.speed import trim_loop_overhead
+
+    plain = tiny_trainer(tmp_path)
+    assert type(plain.profiler) is PassThroughProfiler
+    trim_loop_overhead(plain)
+    assert isinstance(plain.profiler, PassThroughProfiler) and type(plain.profiler) is not PassThroughProfiler
+    with plain.profiler.profile("anything"):
+        pass
+    profiled = tiny_trainer(tmp_path, profiler=SimpleProfiler())
+    trim_loop_overhead(profiled)
+    assert type(profiled.profiler) is SimpleProfiler
+
+
+def test_epoch_checkpoint_is_a_model_checkpoint_under_its_key_and_still_saves_by_steps(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from distill.methods.base import EpochCheckpoint
+
+    for options in (dict(monitor="val/acc", mode="max", save_last=True), dict(monitor=None, save_top_k=1),
+                    dict(every_n_train_steps=2, save_top_k=-1)):
+        assert EpochCheckpoint(**options).state_key == ModelCheckpoint(**options).state_key
+    from distill.bench import _EmptyStep
+
+    steps = EpochCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    loader = torch.utils.data.DataLoader([(torch.ones(2),)] * 3, batch_size=None)
+    tiny_trainer(tmp_path, max_epochs=1, callbacks=[steps]).fit(_EmptyStep(), train_dataloaders=loader)
+    assert [p.name for p in (tmp_path / "steps").iterdir()] == ["step=2.ckpt"]  # 3 batches: one at step 2
+
+
+def test_batch_transfer_matches_lightnings(teacher_file):
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    model = _kd_model(teacher_file)
+    batch = [torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([5, 6])]
+    for given in (batch, tuple(batch), {"images": batch[0]}):
+        moved = model.transfer_batch_to_device(given, torch.device("cpu"), 0)
+        expected = move_data_to_device(given, torch.device("cpu"))
+        assert type(moved) is type(expected)
+        assert all(torch.equal(a, b) for a, b in zip(moved, expected)) if not isinstance(given, dict) else \
+            torch.equal(moved["images"], expected["images"])
+
+
+def test_each_rows_bound_computes_the_methods_loss(tmp_path):
+    """The plain-torch bound of a row is the method's own computation: on the same batch (dropout
+    off) its loss is the method's training loss; PatientConsistentKD's also draws the method's views."""
+    from pathlib import Path
+
+    from distill.bench import METHODS, PAIRS, BenchContext, make_batches, patient_bound
+    from distill.methods import PatientConsistentKD
+
+    pair = PAIRS["tiny_mlp"]
+    batches = make_batches(pair, 8, 2, torch.device("cpu"))
+    context = BenchContext(pair, Path(tmp_path), batches)
+    images, labels, indices = batches[1]
+    for name, entry in METHODS.items():
+        module = entry.build(context).eval()
+        module.batch_indices = indices
+        if isinstance(module, PatientConsistentKD):  # the same draws in the method's step and the bound
+            module.batch_generator = lambda batch_idx: torch.Generator().manual_seed(3)
+            bound = patient_bound(module, torch.Generator().manual_seed(3))
+        else:
+            bound = entry.bound(module)
+        with torch.no_grad():
+            expected = module.training_losses(images, labels)[1]["loss"]
+            got = bound.loss(batches[1])
+        torch.testing.assert_close(got, expected, msg=name)
+        assert bound.optimizer.param_groups[0]["params"], name
+
+
 def _kd_model(teacher_file):
     torch.manual_seed(0)
     return BaselineKD("resnet8", teacher=str(teacher_file), image_size=16).train()

@@ -248,3 +248,26 @@ def test_eval_teacher_cache_gives_the_same_metrics_without_running_the_teacher(t
     assert sorted(p.name.split("-")[1] for p in (tmp_path / "eval_cache").glob("*.safetensors")) == ["test", "val"]
     _, _, again = run(True, "again")
     assert again == 0
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_trainer_gradient_clipping_applies_to_every_method(tmp_path, clip):
+    """The Trainer's gradient_clip_val clips (norm) a DistillModule's gradients; without it nothing is clipped."""
+    norms = []
+
+    class Recorder(Supervised):
+        def training_losses(self, images, labels):
+            logits, losses = super().training_losses(images, labels)
+            return logits, {**losses, "loss": losses["loss"] * 1e4}  # gradients far above any clip
+
+        def on_train_start(self):
+            super().on_train_start()
+            # SGD leaves .grad alone, so after the step the gradients are those Lightning clipped (or not)
+            self.trainer.optimizers[0].register_step_post_hook(lambda *_: norms.append(
+                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.student.parameters()]))))
+
+    model = Recorder(student="mlp_30_30", num_classes=10, in_channels=3, image_size=16)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                           gradient_clip_val=clip)
+    trainer.fit(model, datamodule=fake_datamodule())
+    assert norms and (norms[0] <= 0.5 + 1e-4 if clip else norms[0] > 10)

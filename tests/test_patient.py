@@ -201,6 +201,16 @@ def test_draws_depend_on_seed_epoch_batch_and_rank():
     assert torch.equal(values[0], augment.sample_inception_boxes(4, 16, 16, augment.batch_generator(0, 0, 0, 0)))
 
 
+def test_batch_generator_is_numpys_seed_sequence_of_the_keys():
+    """The streams are SeedSequence's of the keys, whatever path the keys take into it (small keys
+    go in as an array of 32-bit words, large ones as Python ints)."""
+    import numpy as np
+
+    for keys in [(0, 0, 0, 0), (7, 3, 17, 1), (2**32 - 1, 2**32, 5, 0), (2**40 + 5, 1, 2, 3), (-1, 2)]:
+        words = np.random.SeedSequence([k % 2**63 for k in keys]).generate_state(2, np.uint32)
+        assert augment.batch_generator(*keys).initial_seed() == int(words[0]) << 32 | int(words[1]), keys
+
+
 # ----------------------------------------------------------------------------------- fixed teacher
 def _count_teacher_calls(model: PatientConsistentKD) -> dict:
     calls = {"build": 0, "train": 0}

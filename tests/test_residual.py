@@ -121,6 +121,29 @@ def test_residual_target_comes_from_the_frozen_student(teacher_file):
     assert all(p.grad.abs().sum() > 0 for p in pair.assistant_connector.parameters())
 
 
+def test_stage_one_runs_the_assistant_only_while_it_adds_something(teacher_file):
+    """Stage 1 logs the remaining norm ‖f_T − c_S(f_S) − c_A(f_A)‖: while A's connector is at its zero
+    start that is the residual norm, without a forward pass of A; after any change to the connector
+    (here an in-place write, as a checkpoint load makes), A runs again."""
+    model = residual_module(teacher_file)
+    pair = model.student
+    forwards = []
+    pair.assistant_connector.register_forward_hook(lambda *_: forwards.append(1))
+    images, labels = batch(2)
+    model.eval()
+    _, losses = model.training_losses(images, labels)
+    assert not forwards and torch.equal(losses["remaining_norm"], losses["residual_norm"])
+    with torch.no_grad():
+        pair.assistant_connector.map.bias.fill_(0.5)
+    _, losses = model.training_losses(images, labels)
+    assert forwards
+    with torch.no_grad():
+        f_t = model.teacher.forward_features(images)[-1]
+        f_s = pair.student_connector(pair.student.forward_features(images)[-1])
+        f_a = pair.assistant_connector(pair.assistant.forward_features(images)[-1])
+    torch.testing.assert_close(losses["remaining_norm"], (f_t - f_s - f_a).flatten(1).norm(dim=1).mean())
+
+
 def test_stage_one_is_feature_mimicking_and_untrained_assistant_adds_nothing(teacher_file):
     model = residual_module(teacher_file)
     pair = model.student

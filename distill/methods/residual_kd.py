@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill.errors import ConfigError
 from distill.methods.base import OptimizerFactory, SchedulerFactory
 from distill.methods.staged import StagedModule
-from distill.models.residual import ResidualPair, connector
+from distill.models.residual import Connector, ResidualPair, connector
 from distill.residual_budget import PairCost, derive_pair, pair_cost
 from distill.teachers import NetworkSpec
 
@@ -41,6 +41,23 @@ def feature_mse(feature: Tensor, target: Tensor) -> Tensor:
     if squared.dim() == 4:
         return squared.sum(dim=1).mean()
     return squared.flatten(1).sum(dim=1).mean()
+
+
+def _weighted_sum(weights: list[float], terms: list[Tensor]) -> Tensor:
+    """``Σ wᵢ·termᵢ``; a single weight of 1 (M.1, M.3) is the term itself (the same value and gradient,
+    without two more ops in the step)."""
+    if weights == [1.0]:
+        return terms[0]
+    return sum(w * term for w, term in zip(weights, terms))
+
+
+def _total(terms: Any) -> Tensor:
+    """The sum of loss terms, without ``sum()``'s leading ``0 +`` (one op less per step, same value)."""
+    total: Tensor | None = None
+    for term in terms:
+        total = term if total is None else total + term
+    assert total is not None
+    return total
 
 
 def mean_norm(residual: Tensor) -> Tensor:
@@ -179,6 +196,8 @@ class ResidualKD(StagedModule):
         }
         self.stage_records["student_assistant"]["pair"] = pair_kwargs
         self._best_student_score: float | None = None
+        self._silent_key: tuple[tuple[int, int], ...] | None = None  # see _assistant_silent
+        self._silent = False
         self._enter_stage(0)
 
     # ------------------------------------------------------------------------------ construction
@@ -296,6 +315,19 @@ class ResidualKD(StagedModule):
         inner = [c(f) for c, f in zip(self.block_connectors[role], feats[:-1])] if role in self.block_connectors else []
         return inner + [final(feats[-1])]
 
+    def _assistant_silent(self) -> bool:
+        """Whether ``c_A(f_A)`` is exactly zero: A's connector still at its zero start (stage 1, where A
+        is frozen). Checked again only when the connector's tensors change (new tensors, or in-place
+        writes such as a checkpoint load, which bump their version counters)."""
+        connector = self.student.assistant_connector
+        if not isinstance(connector, Connector):
+            return False
+        params = list(connector.parameters())
+        key = tuple((id(p), p._version) for p in params)
+        if key != self._silent_key:
+            self._silent_key, self._silent = key, not any(bool(p.detach().any()) for p in params)
+        return self._silent
+
     def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         weights = self._block_weights()
         with torch.no_grad():
@@ -306,23 +338,29 @@ class ResidualKD(StagedModule):
             s_maps = self._mapped("student", images)
         losses: dict[str, Tensor] = {}
         if stage != "assistant":
-            losses["loss_student"] = sum(w * feature_mse(s, t) for w, s, t in zip(weights, s_maps, teacher))
+            losses["loss_student"] = _weighted_sum(weights, [feature_mse(s, t) for s, t in zip(s_maps, teacher)])
+        a_final: Tensor | None = None  # None: exactly zero
         if stage == "student":
-            with torch.no_grad():
-                a_final = self.student.assistant_feature(images)
+            if not self._assistant_silent():  # A's part of the logged remaining norm (no forward pass when zero)
+                with torch.no_grad():
+                    a_final = self.student.assistant_feature(images)
         else:
             a_maps = self._mapped("assistant", images)
-            losses["loss_assistant"] = sum(w * feature_mse(a, t - s)
-                                           for w, a, s, t in zip(weights, a_maps, s_maps, teacher))
+            losses["loss_assistant"] = _weighted_sum(weights, [feature_mse(a, t - s)
+                                                               for a, s, t in zip(a_maps, s_maps, teacher)])
             a_final = a_maps[-1]
         s_final = s_maps[-1]
         feature = s_final if stage == "student" else s_final + a_final  # the predictor this stage trains
-        logits = head(feature)
+        # the head sees the feature without its graph: the feature losses train S and A, and only a
+        # trained classifier learns from the logits (its CE term)
+        logits = head(feature.detach())
         if self.hparams.classifier == "trained":
-            losses["loss_ce"] = self.hparams.ce_weight * F.cross_entropy(head(feature.detach()).float(), labels)
+            losses["loss_ce"] = self.hparams.ce_weight * F.cross_entropy(logits.float(), labels)
         residual = teacher[-1] - s_final.detach()
-        return logits, {"loss": sum(losses.values()), **losses, "residual_norm": mean_norm(residual),
-                        "remaining_norm": mean_norm(residual - a_final.detach())}
+        residual_norm = mean_norm(residual)
+        remaining_norm = residual_norm if a_final is None else mean_norm(residual - a_final.detach())
+        return logits, {"loss": _total(losses.values()), **losses, "residual_norm": residual_norm,
+                        "remaining_norm": remaining_norm}
 
     def _stage_view(self) -> str:
         return "student" if self.stage_name == "student" else "student_assistant"

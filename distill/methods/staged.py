@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 from distill.errors import ConfigError
-from distill.methods.base import DistillModule
+from distill.methods.base import DistillModule, EpochCheckpoint
 
 
 class StagedModule(DistillModule):
@@ -108,7 +108,7 @@ class StagedModule(DistillModule):
         # Model selection happens per stage inside the module. Lightning (2.6) writes last.ckpt only
         # when it also writes a regular checkpoint, so keep the newest epoch's (save_top_k=1 without a
         # monitor); with save_top_k=0 a killed run had no checkpoint to resume from.
-        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=1, filename="epoch{epoch:03d}",
+        return EpochCheckpoint(monitor=None, save_last=True, save_top_k=1, filename="epoch{epoch:03d}",
                                auto_insert_metric_name=False)
 
 
