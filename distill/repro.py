@@ -88,11 +88,10 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         if not Path(entry["config"]).is_file():
             raise ConfigError(f"{path}: run {entry['name']!r} names config {entry['config']}, which does not exist "
                               "(run from the repository root).")
-        for value in (entry.get("set") or {}).values():
-            for reference in REFERENCE.findall(str(value)):
-                if "/" not in reference and reference not in names:
-                    raise ConfigError(f"{path}: run {entry['name']!r} uses {{model:{reference}}}, but no earlier run "
-                                      f"is named {reference!r}.")
+        for reference in _references(entry):
+            if "/" not in reference and reference not in names:
+                raise ConfigError(f"{path}: run {entry['name']!r} uses {{model:{reference}}}, but no earlier run "
+                                  f"is named {reference!r}.")
         entry.setdefault("seeds", [0])
         names.append(entry["name"])
     for analysis in spec.get("analyses") or []:
@@ -124,6 +123,11 @@ def finished_runs(runs_root: Path, experiment: str, name: str) -> dict[int, dict
     return found
 
 
+def _references(entry: Mapping[str, Any]) -> list[str]:
+    """The ``{model:...}`` references in a run's overrides, in order."""
+    return [ref for value in (entry.get("set") or {}).values() for ref in REFERENCE.findall(str(value))]
+
+
 def _model_file(reference: str, models: Mapping[str, str], runs_root: Path) -> str:
     """The exported network a ``{model:...}`` reference names (see the module docstring)."""
     if "/" not in reference:
@@ -149,10 +153,8 @@ def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str]
 
     models: dict[str, str] = {}
     for entry in spec["runs"]:  # other experiments' models first: a missing one stops before any run
-        if only is not None and entry["name"] not in only:
-            continue
-        for value in (entry.get("set") or {}).values():
-            for reference in REFERENCE.findall(str(value)):
+        if only is None or entry["name"] in only:
+            for reference in _references(entry):
                 if "/" in reference:
                     _model_file(reference, models, runs_root)
     for entry in spec["runs"]:

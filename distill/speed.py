@@ -116,8 +116,6 @@ class SpeedOptions(Callback):
             self._applied.add(id(pl_module))
 
 
-
-
 class EvalTeacherCache(Callback):
     """Computes the teacher's logits on the validation and test splits once and reuses them.
 
@@ -150,8 +148,7 @@ class EvalTeacherCache(Callback):
         if teacher is None:
             return
         if id(teacher) not in self._teacher_keys:
-            self._teacher_keys[id(teacher)] = (teacher_cache.teacher_fingerprint(teacher, module.teacher_info)
-                                               if teacher is module.teacher else teacher_cache.tensors_sha256(teacher))
+            self._teacher_keys[id(teacher)] = teacher_cache.module_teacher_fingerprint(module, teacher)
         view = {"view": "evaluation transform", "outputs": f"{type(module).__name__}.teacher_logits",
                 "teacher_image_size": module.hparams.get("teacher_image_size"),
                 "precision": str(trainer.precision)}

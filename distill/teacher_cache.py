@@ -87,6 +87,13 @@ def teacher_fingerprint(teacher: nn.Module, info: Mapping[str, Any] | None) -> s
     return tensors_sha256(teacher)
 
 
+def module_teacher_fingerprint(module: Any, teacher: nn.Module | None = None) -> str:
+    """:func:`teacher_fingerprint` of a method's ``teacher`` (default: ``module.teacher``). Any other
+    network that teaches (a staged method's assistant) has no recorded file hash: its tensors are hashed."""
+    teacher = module.teacher if teacher is None else teacher
+    return teacher_fingerprint(teacher, module.teacher_info if teacher is module.teacher else None)
+
+
 def default_path(cache_dir: str | Path, key: CacheKey, dataset: str, split: str = "train") -> Path:
     return Path(cache_dir) / f"{dataset}-{split}-{key.digest()[:16]}.safetensors"
 
@@ -203,8 +210,8 @@ def load_for_training_split(
     otherwise the file goes to ``cache_dir`` (default ``<trainer.default_root_dir>/teacher_cache``).
     Returns ``(logits on CPU, status, path)``.
     """
-    return load_for_split(module, "train", view, outputs, teacher_fingerprint(module.teacher, module.teacher_info),
-                          loader_view, path, cache_dir)
+    return load_for_split(module, "train", view, outputs, module_teacher_fingerprint(module), loader_view, path,
+                          cache_dir)
 
 
 def load_for_split(
@@ -218,7 +225,7 @@ def load_for_split(
     cache_dir: str | Path | None = None,
 ) -> tuple[Tensor, str, Path]:
     """As :func:`load_for_training_split`, for any split (``train``, ``val``, ``test``) and any teacher,
-    named by its fingerprint ``teacher`` (:func:`teacher_fingerprint` or :func:`tensors_sha256`)."""
+    named by its fingerprint ``teacher`` (:func:`module_teacher_fingerprint`)."""
     trainer = module.trainer
     data = getattr(trainer, "datamodule", None)
     if data is None or not hasattr(data, "eval_dataloader"):
@@ -244,5 +251,5 @@ def load_for_split(
     return logits, status, path
 
 
-__all__ = ["CacheKey", "load_for_training_split", "load_for_split", "data_fingerprint", "tensors_sha256", "teacher_fingerprint", "default_path", "read",
+__all__ = ["CacheKey", "load_for_training_split", "load_for_split", "data_fingerprint", "tensors_sha256", "teacher_fingerprint", "module_teacher_fingerprint", "default_path", "read",
            "write", "compute", "load_or_build"]
