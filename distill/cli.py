@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from distill.data import DistillDataModule
 from distill.errors import ConfigError, DistillError
 from distill.methods import DistillModule
-from distill.reliability import Preempted
+from distill.reliability import Preempted, preemptible_after_training
 from distill.run import RUN_DIR_ENV, finish_fit, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load
 
@@ -130,12 +130,13 @@ class DistillCLI(LightningCLI):
         self._fit_started = time.time()
 
     def after_fit(self) -> None:
-        self._dump_config()
-        self.results = finish_fit(
-            self.trainer, self.model, self.datamodule,
-            config=self.config_dump, seed=self._get(self.config, "seed_everything"),
-            started=self._fit_started,
-        )
+        with preemptible_after_training(self.trainer):
+            self._dump_config()
+            self.results = finish_fit(
+                self.trainer, self.model, self.datamodule,
+                config=self.config_dump, seed=self._get(self.config, "seed_everything"),
+                started=self._fit_started,
+            )
         if self.trainer.is_global_zero:
             run_dir = self.results["run_dir"]
             best, test_acc = self.results["best_val_acc"], self.results["test_acc"]

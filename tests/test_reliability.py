@@ -42,7 +42,9 @@ def fit(*args: str):
 def test_kill_and_resume_small(tmp_path):
     """Pre-empted mid-epoch (SIGTERM), then SIGKILLed while writing a checkpoint, resumed each time:
     the final results.json and weights equal an uninterrupted run's."""
-    log = killtest.check_method("BaselineKD", tmp_path, kills=2, seed=0, epochs=3, train_size=256,
+    # six epochs: the SIGTERM falls within one epoch after the first checkpoint, so five epochs (not two)
+    # stand between it and the end of training, however fast this machine runs the tiny epochs
+    log = killtest.check_method("BaselineKD", tmp_path, kills=2, seed=0, epochs=6, train_size=256,
                                 in_process=True, verbose=False)
     assert log[0].startswith("SIGTERM") and log[1].startswith("SIGKILL during a checkpoint write"), log
     assert "intact" in log[1] and "equal the uninterrupted" in log[-1], log
@@ -86,6 +88,38 @@ def test_resume_continues_in_the_same_run_directory(tmp_path, capsys):
     assert {0, 1} <= {int(float(r[header.index("epoch")])) for r in epochs[1:] if r[header.index("epoch")]}  # rows kept
     first_wall = json.loads((first / "results-1.json").read_text())["wall_time_s"]
     assert resumed["wall_time_s"] > first_wall * 0.5  # both segments' fit time, not the second's alone
+
+
+def test_a_signal_after_training_preempts_the_test_and_a_resume_finishes_it(tmp_path, monkeypatch, capsys):
+    """SIGTERM between the end of training and results.json: exit 0 with the resume command, results.json
+    not written; the resume only tests and exports, and gives the uninterrupted run's results."""
+    import os
+    import signal
+
+    import distill.cli
+
+    config = tiny_config(tmp_path, epochs=2)
+    reference = fit("--config", str(config)).results
+    real_finish_fit = distill.cli.finish_fit
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends while the best checkpoint is tested
+        return real_finish_fit(*args, **kwargs)
+
+    monkeypatch.setattr(distill.cli, "finish_fit", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        fit("--config", str(config))
+    assert stopped.value.code == 0
+    message = capsys.readouterr().err
+    assert "pre-empted by SIGTERM after training" in message and "distill fit --resume" in message
+    run_dir = Path(message.split("distill fit --resume ")[-1].split()[0])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.setattr(distill.cli, "finish_fit", real_finish_fit)
+    resumed = fit("--resume", str(run_dir)).results
+    assert Path(resumed["run_dir"]) == run_dir
+    for key in ("best_val_acc", "test_acc", "epochs"):
+        assert resumed[key] == reference[key], key
 
 
 # ----------------------------------------------------------------------------- non-finite losses

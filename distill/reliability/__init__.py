@@ -13,6 +13,6 @@
 """
 
 from distill.reliability.checkpoints import AtomicCheckpointIO, CHECKPOINT_WRITE_DELAY_ENV
-from distill.reliability.guard import Preempted, RunGuard
+from distill.reliability.guard import Preempted, RunGuard, preemptible_after_training
 
-__all__ = ["AtomicCheckpointIO", "CHECKPOINT_WRITE_DELAY_ENV", "Preempted", "RunGuard"]
+__all__ = ["AtomicCheckpointIO", "CHECKPOINT_WRITE_DELAY_ENV", "Preempted", "RunGuard", "preemptible_after_training"]

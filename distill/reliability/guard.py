@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
@@ -23,6 +24,43 @@ from distill.reliability.checkpoints import AtomicCheckpointIO
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def preemption_signals(trainer: L.Trainer) -> tuple[int, ...]:
+    """The signals a run answers by stopping for a resume: SIGTERM, and SIGUSR1 unless Lightning's SLURM
+    auto-requeue owns it. None outside the main thread (Python handles signals only there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    environment = trainer._accelerator_connector.cluster_environment
+    lightning_requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+    return tuple(s for s in PREEMPTION_SIGNALS if not (s == signal.SIGUSR1 and lightning_requeues))
+
+
+@contextlib.contextmanager
+def preemptible_after_training(trainer: L.Trainer) -> Iterator[None]:
+    """Pre-emption for the end of a run: the test of the best checkpoint, the export and results.json.
+
+    RunGuard's handlers live as long as ``trainer.fit``; a signal after it would otherwise kill the run
+    with nothing said. Here it stops the run as one during training does (``Preempted``, exit status
+    0): ``last.ckpt`` already holds the finished training, so ``distill fit --resume`` only tests and
+    exports. Single-process runs only: under DDP a signal may reach one process, which would leave the
+    others waiting in the test's collectives, so there the default handlers stay.
+    """
+    signals = preemption_signals(trainer) if trainer.world_size == 1 else ()
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+
+    def stop(signum: int, frame: Any) -> None:
+        run_dir = Path(last).parent.parent if last else Path(trainer.log_dir or trainer.default_root_dir)
+        raise Preempted(f"pre-empted by {signal.Signals(signum).name} after training, before the test: "
+                        f"{last or 'the last checkpoint'} holds the finished training; continue with: "
+                        f"distill fit --resume {run_dir}", last)
+
+    previous = {signum: signal.signal(signum, stop) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 class Preempted(SystemExit):
@@ -126,13 +164,7 @@ class RunGuard(Callback):
 
     # ------------------------------------------------------------------------- pre-emption
     def _install_signal_handlers(self, trainer: L.Trainer) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        environment = trainer._accelerator_connector.cluster_environment
-        lightning_requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
-        for signum in PREEMPTION_SIGNALS:
-            if signum == signal.SIGUSR1 and lightning_requeues:
-                continue
+        for signum in preemption_signals(trainer):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
