@@ -14,9 +14,9 @@
   the step), the teacher's forward pass under ``inference_mode`` (or, with a teacher cache, the
   lookup of its logits), the trained network's forward pass, the method's loss (the functions of
   :mod:`distill.losses`, ResidualKD's ``feature_mse``), backward, the recipe's gradient clipping (if
-  any), and the step of the optimiser and per-step schedule that the method's own
-  ``configure_optimizers`` builds (SGD with momentum and weight decay by default; PatientConsistentKD's
-  AdamW, warm-up/cosine schedule and norm clipping at 1). ``ratio`` is the share of the bound the
+  any), and the step of the method's own optimiser and per-step schedule, the very objects the
+  Trainer built from its ``configure_optimizers`` (SGD with momentum and weight decay by default;
+  PatientConsistentKD's AdamW, warm-up/cosine schedule and norm clipping at 1). ``ratio`` is the share of the bound the
   method reaches: the median, over ``--repeats`` alternating measurements, of (method images/s) /
   (bound images/s) measured back to back; ``images_per_s`` and ``bound_images_per_s`` are the
   medians of each.
@@ -122,26 +122,13 @@ class BenchContext:
 
 @dataclass
 class Bound:
-    """What a row's plain-torch bound does per step: ``loss(batch)`` (the forward passes of the method's
-    recipe, its on-device augmentation and its loss), then backward, ``clip_norm`` (if any), the
-    optimiser's step and the per-step ``scheduler`` (if any). Nothing of Lightning, our metrics,
-    logging, checks or seeding."""
+    """What a row's plain-torch bound does per step besides the optimiser: ``loss(batch)`` (the forward
+    passes of the method's recipe, its on-device augmentation and its loss), then backward and
+    ``clip_norm`` (if the recipe clips). :class:`PlainStep` adds the step of the method's own optimiser
+    and per-step schedules. Nothing of Lightning, our metrics, logging, checks or seeding."""
 
     loss: Callable[[tuple[torch.Tensor, ...]], torch.Tensor]
-    optimizer: torch.optim.Optimizer
-    scheduler: Any = None
     clip_norm: float | None = None
-
-
-def recipe_optimizer(module: DistillModule) -> tuple[torch.optim.Optimizer, Any]:
-    """The method's own optimiser, and its learning-rate schedule if that steps every batch, as the
-    method's ``configure_optimizers`` builds them (same class, settings and parameter groups): plain
-    torch objects, separate from the ones the Trainer gets."""
-    config = module.configure_optimizers()
-    if not isinstance(config, dict):
-        return config, None
-    schedule = config.get("lr_scheduler") or {}
-    return config["optimizer"], schedule["scheduler"] if schedule.get("interval") == "step" else None
 
 
 def _frozen_forward(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -155,7 +142,7 @@ def supervised_bound(module: DistillModule) -> Bound:
 
     def loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return F.cross_entropy(student(batch[0]).float(), batch[1], label_smoothing=smoothing)
-    return Bound(loss, *recipe_optimizer(module))
+    return Bound(loss)
 
 
 def kd_bound(module: DistillModule) -> Bound:
@@ -175,7 +162,7 @@ def kd_bound(module: DistillModule) -> Bound:
         logits = student(images)  # before the teacher, as in the methods' steps
         target = cached[indices] if cached is not None else _frozen_forward(teacher, images)
         return hinton_kd_objective(logits, target, labels, **settings)["loss"]
-    return Bound(loss, *recipe_optimizer(module))
+    return Bound(loss)
 
 
 def residual_bound(module: DistillModule) -> Bound:
@@ -192,7 +179,7 @@ def residual_bound(module: DistillModule) -> Bound:
         with torch.no_grad():
             target = target - pair.student_feature(images)
         return feature_mse(pair.assistant_feature(images), target)
-    return Bound(loss, *recipe_optimizer(module))
+    return Bound(loss)
 
 
 def patient_bound(module: DistillModule, generator: torch.Generator | None = None) -> Bound:
@@ -207,7 +194,7 @@ def patient_bound(module: DistillModule, generator: torch.Generator | None = Non
         views = module.make_views(images, generator)
         target = cached[indices] if views.teacher is None else _frozen_forward(module.teacher, views.teacher)
         return kd_loss(module.student(views.student), target, temperature)
-    return Bound(loss, *recipe_optimizer(module), clip_norm=module.hparams.grad_clip_norm or None)
+    return Bound(loss, clip_norm=module.hparams.grad_clip_norm or None)
 
 
 @dataclass(frozen=True)
@@ -335,23 +322,38 @@ def _sync(device: torch.device) -> None:
 
 class PlainStep:
     """Runs a row's :class:`Bound` in plain torch: the loss under the row's autocast, then
-    ``zero_grad(set_to_none=True)``, backward, clipping, the optimiser's and the schedule's step."""
+    ``zero_grad(set_to_none=True)``, backward, clipping, and the step of the method's own optimiser and
+    per-step schedules (:meth:`setup`)."""
 
     def __init__(self, bound: Bound, device: torch.device, precision: str) -> None:
         self.bound, self.device, self.precision = bound, device, precision
-        self.params = [p for group in bound.optimizer.param_groups for p in group["params"]]
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedulers: list[Any] = []
+        self.params: list[torch.Tensor] = []
+
+    def setup(self, trainer: L.Trainer) -> None:
+        """Takes the optimiser and per-step schedules that the Trainer built from the method's
+        ``configure_optimizers``: the bound steps the same torch objects (without Lightning's wrappers),
+        so that its optimiser works on the same state as the method's. The cost of an update can depend
+        on that state: AdamW's square root of a second moment that is exactly zero (a unit that never
+        got a gradient) is many times slower than of other values on this CPU, and a second optimiser
+        started later sees more such zeros. The bound's steps advance the schedule as well."""
+        self.optimizer = trainer.optimizers[0]
+        self.schedulers = [config.scheduler for config in trainer.lr_scheduler_configs if config.interval == "step"]
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> None:
-        bound = self.bound
+        bound, optimizer = self.bound, self.optimizer
+        assert optimizer is not None, "PlainStep.setup(trainer) first"
         with _autocast(self.device, self.precision):
             loss = bound.loss(batch)
-        bound.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if bound.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, bound.clip_norm)
-        bound.optimizer.step()
-        if bound.scheduler is not None:
-            bound.scheduler.step()
+        optimizer.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
 
     def seconds(self, batches: list, steps: int) -> float:
         _sync(self.device)
@@ -373,6 +375,10 @@ class Interleave(Callback):
         self.method_s: list[float] = []
         self.bound_s: list[float] = []
         self._started = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if hasattr(self.bound, "setup"):
+            self.bound.setup(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx >= self.warmup and (batch_idx - self.warmup) % self.steps == 0:

@@ -199,7 +199,9 @@ def test_batch_transfer_matches_lightnings(teacher_file):
 
 def test_each_rows_bound_computes_the_methods_loss(tmp_path):
     """The plain-torch bound of a row is the method's own computation: on the same batch (dropout
-    off) its loss is the method's training loss; PatientConsistentKD's also draws the method's views."""
+    off) its loss is the method's training loss; PatientConsistentKD's also draws the method's views
+    and clips as its recipe does. (The optimiser is the method's own: PlainStep.setup takes it from
+    the Trainer.)"""
     from pathlib import Path
 
     from distill.bench import METHODS, PAIRS, BenchContext, make_batches, patient_bound
@@ -221,7 +223,28 @@ def test_each_rows_bound_computes_the_methods_loss(tmp_path):
             expected = module.training_losses(images, labels)[1]["loss"]
             got = bound.loss(batches[1])
         torch.testing.assert_close(got, expected, msg=name)
-        assert bound.optimizer.param_groups[0]["params"], name
+        assert bound.clip_norm == (module.hparams.grad_clip_norm if isinstance(module, PatientConsistentKD) else None)
+
+
+def test_bound_steps_the_methods_own_optimiser_and_schedule(tmp_path):
+    from pathlib import Path
+
+    from distill.bench import METHODS, PAIRS, BenchContext, Interleave, PlainStep, _Cycle, _quiet_trainer, make_batches
+
+    pair, device = PAIRS["tiny_mlp"], torch.device("cpu")
+    batches = make_batches(pair, 8, 2, device)
+    entry = METHODS["PatientConsistentKD/consistent"]
+    module = entry.build(BenchContext(pair, Path(tmp_path), batches))
+    plain = PlainStep(entry.bound(module), device, "32-true")
+    timer = Interleave(plain, batches, 1, 2, device)
+    loader = torch.utils.data.DataLoader(_Cycle(batches, 5), batch_size=None)
+    trainer = _quiet_trainer(device, "32-true", max_epochs=-1, max_steps=5, callbacks=[timer], default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=loader)
+    assert plain.optimizer is trainer.optimizers[0]
+    assert plain.schedulers == [trainer.lr_scheduler_configs[0].scheduler]
+    assert len(timer.method_s) == len(timer.bound_s) == 2
+    # both stepped the one optimiser: 5 method steps, 1 + 2 × 2 bound steps
+    assert int(next(iter(plain.optimizer.state.values()))["step"]) == 10
 
 
 def _kd_model(teacher_file):
