@@ -224,9 +224,11 @@ def _crop_resize_banded(images: Tensor, rows: Tensor, columns: Tensor, size: int
     source = torch.zeros(int((row_span * column_span).max()) * channels)
     floating = images.is_floating_point()
     blended = torch.empty(int(column_span.max()) * size * channels)
-    # crops as [row, channel, column]: the column product can write its blocks of output columns
-    # straight into rows of that layout, and copying or mixing it into the result then moves rows of
-    # ``size`` contiguous pixels (blocks of ``block`` pixels, its own output layout, cost 3× as much)
+    # Crops as [row, channel, column]: the column product writes its blocks of output columns into a
+    # strided view of that layout (which the library then computes block by block rather than as one
+    # batch, about 10 µs more per image at 160 → 128 px), so that mixing or copying a crop into the
+    # result moves runs of ``size`` contiguous pixels; from the product's own layout, runs of
+    # ``block`` pixels, that pass took about 20 µs longer.
     crops = [torch.empty(size, channels, size) for _ in range(3)]
     crop_blocks = [c.as_strided((blocks, size * channels, block), (block, size, 1)) for c in crops]
     out = _empty_float32((batch, channels, size, size))
