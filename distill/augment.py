@@ -233,6 +233,7 @@ def _crop_resize_banded(images: Tensor, rows: Tensor, columns: Tensor, size: int
     crop_blocks = [c.as_strided((blocks, size * channels, block), (block, size, 1)) for c in crops]
     out = _empty_float32((batch, channels, size, size))
     targets = out.transpose(1, 2).unbind(0)
+    # per image: start, span, step and window length of its rows, then the same of its columns
     plan = torch.stack([start, span, step, length]).view(4, 2, batch).permute(2, 1, 0).reshape(batch, 8).tolist()
     image_stride, channel_stride, row_stride, column_stride = images.stride()
     image_offset = images.storage_offset()
