@@ -9,7 +9,8 @@ float32 batch of ``--out`` × ``--out`` crops: per sample, torchvision v2 ``Rand
 :func:`distill.augment.mixup` (the data-loader way); batched, :func:`distill.augment.crop_resize` with
 the flips and the mixup done in the same pass (bilinear without anti-aliasing, as big_vision's
 ``inception_crop``; on the CPU interpolation-matrix products, for large images banded and image by
-image). Figures are the median over ``--repeats`` timed runs after one warm-up. Not a test: timings
+image). The two alternate, one timed run each per repeat after one warm-up; images/s are the
+medians and the speed-up the median of the per-repeat ratios. Not a test: timings
 depend on the machine.
 """
 
@@ -39,19 +40,28 @@ def batched(images: torch.Tensor, out: int, generator: torch.Generator) -> torch
     return augment.crop_resize(images, boxes, out, flips, mix=augment.sample_mixup(generator))
 
 
-def images_per_s(fn, images: torch.Tensor, out: int, repeats: int, device: torch.device) -> float:
-    generator = torch.Generator().manual_seed(0)
-    fn(images, out, generator)  # warm-up
-    times = []
+def seconds(fn, images: torch.Tensor, out: int, generator: torch.Generator, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(images, out, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compare(images: torch.Tensor, on_device: torch.Tensor, out: int, repeats: int,
+            device: torch.device) -> tuple[float, float, float]:
+    """Images/s of each pipeline (medians) and the median of their ratio over the repeats. The two
+    alternate, one timed run each per repeat, so that load changing on a shared machine falls on both."""
+    slow_generator, fast_generator = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    per_sample(images, out, slow_generator), batched(on_device, out, fast_generator)  # warm-up
+    slow, fast = [], []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(images, out, generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return len(images) / statistics.median(times)
+        slow.append(seconds(per_sample, images, out, slow_generator, torch.device("cpu")))
+        fast.append(seconds(batched, on_device, out, fast_generator, device))
+    ratio = statistics.median(s / f for s, f in zip(slow, fast))
+    return len(images) / statistics.median(slow), len(images) / statistics.median(fast), ratio
 
 
 def main() -> None:
@@ -67,14 +77,13 @@ def main() -> None:
     device = torch.device(args.device)
     images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
     # the per-sample pipeline runs where data loaders run (CPU); the batched one on the device
-    slow = images_per_s(per_sample, images, args.out, args.repeats, torch.device("cpu"))
-    fast = images_per_s(batched, images.to(device), args.out, args.repeats, device)
+    slow, fast, ratio = compare(images, images.to(device), args.out, args.repeats, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
     print(f"batch {args.batch}, {args.size} px -> {args.out} px crops, median of {args.repeats}")
     print("| pipeline | where | images/s |\n|---|---|---|")
     print(f"| per-sample torchvision v2 RandomResizedCrop + flip, stack, mixup | CPU, {args.threads} thread(s) | {slow:,.0f} |")
     print(f"| batched distill.augment.crop_resize, flip and mixup in the same pass | {name} | {fast:,.0f} |")
-    print(f"speed-up: {fast / slow:.1f}x")
+    print(f"speed-up: {ratio:.2f}x (median over the repeats of the per-repeat ratio)")
 
 
 if __name__ == "__main__":
