@@ -54,7 +54,21 @@ def test_kill_and_resume_small(tmp_path):
 @pytest.mark.slow
 def test_kill_and_resume_every_method(tmp_path):
     """The full harness: `python -m distill.reliability.killtest` (TAKD killed mid-stage-2 as well)."""
-    assert killtest.main(["--workdir", str(tmp_path), "--kills", "4"]) == 0
+    assert killtest.main(["--workdir", str(tmp_path / "killtest"), "--kills", "4"]) == 0
+
+
+def test_killtest_refuses_a_work_directory_it_did_not_make(tmp_path, capsys):
+    """The harness empties its work directory: one holding other files is refused before anything is deleted;
+    its own (marked) directory is emptied in place, so it can be the working directory."""
+    (tmp_path / "notes.txt").write_text("a user's file")
+    assert killtest.main(["--workdir", str(tmp_path), "--methods", "Supervised"]) == 2
+    assert "holds files that no killtest wrote" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
+    own = tmp_path / "own"
+    killtest.prepare_workdir(own)
+    (own / "runs").mkdir()
+    killtest.prepare_workdir(own)
+    assert own.is_dir() and [p.name for p in own.iterdir()] == [killtest.WORKDIR_MARKER]
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):

@@ -225,15 +225,41 @@ def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int 
     return log
 
 
+#: Marks a directory as a killtest work directory, which a later run may empty.
+WORKDIR_MARKER = ".distill-killtest"
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Empties ``workdir`` for a new harness run, or creates it.
+
+    Only a directory that a killtest made (it holds :data:`WORKDIR_MARKER`) or an empty one is used: any
+    other raises FileExistsError before anything is deleted. The directory itself is kept and only its
+    contents are removed, so it may be the working directory of this process and its subprocesses.
+    """
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / WORKDIR_MARKER).exists():
+        raise FileExistsError(f"--workdir {workdir} holds files that no killtest wrote; the harness empties its "
+                              "work directory first, so give it a new or empty directory")
+    if workdir.is_dir():
+        for entry in workdir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORKDIR_MARKER).touch()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.reliability.killtest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--kills", type=int, default=4, help="interruptions per method (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/killtest"))
+    parser.add_argument("--workdir", type=Path, default=Path("runs/killtest"),
+                        help="emptied first: a new or empty directory, or an earlier killtest's (default runs/killtest)")
     args = parser.parse_args(argv)
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    try:
+        prepare_workdir(args.workdir)
+    except FileExistsError as err:
+        print(f"killtest: {err}", file=sys.stderr)
+        return 2
     failed = []
     for method in args.methods:
         try:
