@@ -141,6 +141,21 @@ def test_crop_resize_stays_exact_when_float32_products_may_run_in_bfloat16():
     torch.testing.assert_close(crops.double(), _grid_sample_crops(images, boxes, 128), atol=1e-4, rtol=0)
 
 
+def test_crop_resize_reuses_only_the_memory_of_results_nobody_holds():
+    # 32 crops of 128 px are large enough (6 MiB) for crop_resize to reuse an earlier result's memory
+    images = torch.randint(0, 256, (32, 3, 160, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    boxes = augment.sample_inception_boxes(32, 160, 160, torch.Generator().manual_seed(1))
+    first = augment.crop_resize(images, boxes, 128, mix=0.7)
+    view = first[1:]  # a view keeps the memory in use
+    kept = view.clone()
+    del first
+    second = augment.crop_resize(images, augment.central_boxes(32, 160, 160), 128, mix=0.7)
+    assert torch.equal(view, kept)
+    address = second.data_ptr()
+    del second
+    assert augment.crop_resize(images, boxes, 128, mix=0.7).data_ptr() == address
+
+
 def test_mixup_coefficient_and_partner():
     generator = torch.Generator().manual_seed(0)
     coefficients = [augment.sample_mixup(generator) for _ in range(2000)]
