@@ -3,6 +3,7 @@
     distill repro experiments/hinton_mnist.yaml                  # every run, then the results page
     distill repro experiments/hinton_mnist.yaml --only teacher   # some runs only
     distill repro experiments/hinton_mnist.yaml --report-only    # the page from the runs there are
+    distill repro experiments/hinton_mnist.yaml --jobs 2         # up to 2 runs at once, as subprocesses
 
 An experiment file lists *runs* (a config from ``configs/``, the seeds, and overrides of single
 values) and *analyses* that turn finished runs into tables and plots. The driver runs each
@@ -43,6 +44,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -147,26 +149,44 @@ def _override(key: str, value: Any, models: Mapping[str, str], runs_root: Path) 
     return f"--{key}={text}"
 
 
-def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] | None = None) -> None:
-    """Runs every (config, seed) of the experiment that has not finished yet, in file order."""
-    from distill.cli import main as distill_main
-
-    models: dict[str, str] = {}
-    for entry in spec["runs"]:  # other experiments' models first: a missing one stops before any run
+def _check_other_experiments(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] | None) -> None:
+    """Resolves every ``{model:EXPERIMENT/NAME}``: a missing one stops before any run."""
+    for entry in spec["runs"]:
         if only is None or entry["name"] in only:
             for reference in _references(entry):
                 if "/" in reference:
-                    _model_file(reference, models, runs_root)
+                    _model_file(reference, {}, runs_root)
+
+
+def _fit_args(spec: Mapping[str, Any], entry: Mapping[str, Any], seed: int, models: Mapping[str, str],
+              runs_root: Path) -> list[str]:
+    """The ``distill fit`` arguments of one (entry, seed), with its ``{model:...}`` references resolved."""
+    args = ["fit", "--config", entry["config"], f"--seed_everything={seed}",
+            f"--run_name={spec['name']}/{entry['name']}", f"--trainer.default_root_dir={runs_root}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    return args + [_override(key, value, models, runs_root) for key, value in (entry.get("set") or {}).items()]
+
+
+def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] | None = None,
+                   jobs: int = 1) -> list[str]:
+    """Runs every (config, seed) of the experiment that has not finished yet; returns the failed runs.
+
+    With ``jobs == 1`` the runs go one after another in this process, in file order, and a failure stops
+    the experiment (the list returned is then always empty). With more, see :func:`run_parallel`.
+    """
+    _check_other_experiments(spec, runs_root, only)
+    if jobs > 1:
+        return run_parallel(spec, runs_root, only, jobs)
+    from distill.cli import main as distill_main
+
+    models: dict[str, str] = {}
     for entry in spec["runs"]:
         done = finished_runs(runs_root, spec["name"], entry["name"])
         if only is None or entry["name"] in only:
             for seed in entry["seeds"]:
                 if seed in done:
                     continue
-                args = ["fit", "--config", entry["config"], f"--seed_everything={seed}",
-                        f"--run_name={spec['name']}/{entry['name']}", f"--trainer.default_root_dir={runs_root}",
-                        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-                args += [_override(key, value, models, runs_root) for key, value in (entry.get("set") or {}).items()]
+                args = _fit_args(spec, entry, seed, models, runs_root)
                 print(f"[repro] {entry['name']} seed {seed}: distill {' '.join(args)}", flush=True)
                 argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees other arguments too
                 try:
@@ -176,6 +196,116 @@ def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str]
             done = finished_runs(runs_root, spec["name"], entry["name"])
         if done:
             models[entry["name"]] = done[min(done)]["model_file"]
+    return []
+
+
+# --------------------------------------------------------------------------------------- parallel runs
+def _child_environment() -> dict[str, str]:
+    """The environment of a ``distill fit`` subprocess.
+
+    One thread each unless the user chose otherwise: N runs at once on N cores would otherwise fight over
+    them. The driver's own package comes first on the path, so a checkout runs its own code, not an
+    installed copy. A stray run directory variable would make every child write into one run.
+    """
+    from distill.run import RUN_DIR_ENV
+
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    env.pop(RUN_DIR_ENV, None)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+class _Job:
+    """One (entry, seed) running as ``distill fit`` in a subprocess, its output in a log beside its run."""
+
+    def __init__(self, spec: Mapping[str, Any], entry: Mapping[str, Any], seed: int, models: Mapping[str, str],
+                 runs_root: Path):
+        self.name, self.seed = entry["name"], seed
+        args = _fit_args(spec, entry, seed, models, runs_root)
+        self.log = runs_root / spec["name"] / entry["name"] / f"seed{seed}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("w") as log:  # closing ours is fine: the child has its own copy of the handle
+            log.write(f"distill {' '.join(args)}\n")
+            log.flush()
+            self.process = subprocess.Popen([sys.executable, "-m", "distill.cli", *args], stdout=log,
+                                            stderr=subprocess.STDOUT, env=_child_environment())
+        self.started = time.time()
+        print(f"[repro] {self.name} seed {seed}: started, log {self.log}", flush=True)
+
+    def finished(self) -> int | None:
+        """The exit code once the run is over (and its line printed), else None."""
+        code = self.process.poll()
+        if code is not None:
+            took = f"{time.time() - self.started:.1f} s"
+            print(f"[repro] {self.name} seed {self.seed}: " + (f"finished in {took}" if code == 0 else
+                  f"FAILED with exit code {code} after {took}; log {self.log}"), flush=True)
+        return code
+
+
+def run_parallel(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] | None, jobs: int) -> list[str]:
+    """Runs the pending (entry, seed) pairs as up to ``jobs`` subprocesses at once; returns the failed runs.
+
+    An entry starts only once every entry it names in ``{model:NAME}`` is settled (all its runs over), so the
+    model it gets is the same lowest-seed model as in a run one after another. An entry with a failed run,
+    or that names one without a finished run, is failed: its dependents are skipped, the rest go on.
+    """
+    pending: dict[str, list[int]] = {}
+    for entry in spec["runs"]:
+        done = finished_runs(runs_root, spec["name"], entry["name"])
+        selected = only is None or entry["name"] in only
+        pending[entry["name"]] = [seed for seed in entry["seeds"] if seed not in done] if selected else []
+    entries = {entry["name"]: entry for entry in spec["runs"]}
+    models: dict[str, str] = {}
+    settled: set[str] = set()  # entries with no run left to start or wait for
+    failed: set[str] = set()  # entries with a failed or skipped run: their dependents are skipped
+    failures: list[str] = []
+    running: list[_Job] = []
+
+    def settle(name: str) -> None:
+        settled.add(name)
+        done = finished_runs(runs_root, spec["name"], name)
+        if done:
+            models[name] = done[min(done)]["model_file"]
+
+    def ready(name: str) -> bool:
+        """Whether a pending entry's references are settled; marks it failed when one of them cannot teach."""
+        local = [ref for ref in _references(entries[name]) if "/" not in ref]
+        if any(ref not in settled for ref in local):
+            return False
+        blocked = [ref for ref in local if ref in failed or ref not in models]
+        if blocked:
+            failed.add(name)
+            why = f"skipped: needs {', '.join(blocked)}, which did not finish"
+            failures.append(f"{name} ({why})")
+            print(f"[repro] {name}: {why}", flush=True)
+            pending[name] = []
+        return True
+
+    try:
+        while len(settled) < len(entries):
+            for name in entries:  # file order: earlier entries usually teach later ones
+                if name in settled or (pending[name] and not ready(name)):
+                    continue
+                while pending[name] and len(running) < jobs:
+                    running.append(_Job(spec, entries[name], pending[name].pop(0), models, runs_root))
+                if not pending[name] and not any(job.name == name for job in running):
+                    settle(name)
+            for job in list(running):
+                code = job.finished()
+                if code is None:
+                    continue
+                running.remove(job)
+                if code != 0:
+                    failed.add(job.name)
+                    failures.append(f"{job.name} seed {job.seed} (exit code {code}, log {job.log})")
+            if running:
+                time.sleep(0.1)
+    finally:  # on an interrupt or error here, no run goes on unattended
+        for job in running:
+            job.process.terminate()
+            job.process.wait()
+    return failures
 
 
 # --------------------------------------------------------------------------------------- analyses
@@ -308,21 +438,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default="results", help="where the page goes (default: %(default)s)")
     parser.add_argument("--only", nargs="+", metavar="RUN", help="run only these entries (the page covers all)")
     parser.add_argument("--report-only", action="store_true", help="write the page from finished runs, run nothing")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N runs at once, each a subprocess with its log beside its run "
+                             "(default: %(default)s, one after another in this process)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give 1 (runs one after another) or more (runs at once).")
     spec = load_spec(args.experiment)
     runs_root = Path(args.runs_root)
     started = time.time()
-    if not args.report_only:
-        run_experiment(spec, runs_root, args.only)
+    failures = [] if args.report_only else run_experiment(spec, runs_root, args.only, args.jobs)
     # the command that makes every run of the page (not --only/--report-only, which redo part of it)
     command = f"distill repro {args.experiment}" + (f" --runs-root {runs_root}" if args.runs_root != "runs/repro" else "")
     page = write_page(spec, runs_root, Path(args.results), command)
     print(f"[repro] {spec['name']}: {page} ({(time.time() - started) / 60:.1f} min)")
+    if failures:  # after the page, which shows what did finish
+        raise SystemExit(f"[repro] {len(failures)} failed: " + "; ".join(failures))
     return page
 
 

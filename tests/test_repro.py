@@ -135,3 +135,62 @@ def test_a_run_of_another_experiment_teaches(experiment, tmp_path):
     teacher = repro.finished_runs(Path("runs/repro"), "tiny", "teacher")[0]
     student = repro.finished_runs(Path("runs/repro"), "other", "kd")[0]
     assert student["teacher"]["path"] == teacher["model_file"]
+
+
+def _small_experiment(experiment: Path, runs: list[dict]) -> Path:
+    """The fixture's experiment with other runs and no analyses: a few subprocesses keep the tests short."""
+    spec = yaml.safe_load(experiment.read_text())
+    spec.update(runs=runs, analyses=[])
+    experiment.write_text(yaml.safe_dump(spec))
+    return experiment
+
+
+TEACHER = {"name": "teacher", "config": "configs/teacher.yaml", "seeds": [0]}
+STUDENT = {"name": "kd_t1", "config": "configs/kd.yaml", "seeds": [0, 1],
+           "set": {"model.init_args.teacher": "{model:teacher}", "model.init_args.temperature": 1}}
+
+
+def _printed(lines: list[str], event: str) -> int:
+    """The index of the driver's line that starts with ``event``, e.g. ``teacher seed 0: finished``."""
+    return next(i for i, line in enumerate(lines) if line.startswith(f"[repro] {event}"))
+
+
+def test_jobs_run_at_once_after_their_teacher_and_match_one_after_another(experiment, capsys):
+    path = _small_experiment(experiment, [TEACHER, STUDENT])
+    repro.main([str(path), "--runs-root", "one"])
+    capsys.readouterr()
+    repro.main([str(path), "--runs-root", "two", "--jobs", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    for name, seeds in (("teacher", [0]), ("kd_t1", [0, 1])):
+        one, two = (repro.finished_runs(Path(root), "tiny", name) for root in ("one", "two"))
+        assert sorted(one) == sorted(two) == seeds
+        for seed in seeds:  # seeded and single-threaded: the same numbers in a subprocess
+            assert one[seed]["test_acc"] == two[seed]["test_acc"]
+            assert one[seed]["best_val_acc"] == two[seed]["best_val_acc"]
+    teacher = repro.finished_runs(Path("two"), "tiny", "teacher")[0]
+    students = repro.finished_runs(Path("two"), "tiny", "kd_t1").values()
+    assert all(run["teacher"]["path"] == teacher["model_file"] for run in students)
+    assert _printed(lines, "teacher seed 0: finished") < _printed(lines, "kd_t1 seed 0: started")
+    assert _printed(lines, "kd_t1 seed 1: started") < _printed(lines, "kd_t1 seed 0: finished")  # both at once
+    assert Path("two/tiny/kd_t1/seed1.log").read_text().startswith("distill fit --config configs/kd.yaml")
+
+
+def test_a_failed_job_skips_its_dependents_only(experiment, capsys):
+    bad_teacher = {**TEACHER, "set": {"trainer.max_epochs": "many"}}  # distill fit rejects it: exit code 2
+    solo = {"name": "solo", "config": "configs/teacher.yaml", "seeds": [1]}
+    path = _small_experiment(experiment, [bad_teacher, {**STUDENT, "seeds": [0]}, solo])
+    with pytest.raises(SystemExit, match="teacher seed 0 .exit code 2, log .*teacher/seed0.log") as stopped:
+        repro.main([str(path), "--jobs", "2"])
+    assert stopped.value.code != 0
+    out = capsys.readouterr().out
+    assert "[repro] teacher seed 0: FAILED with exit code 2" in out and "teacher/seed0.log" in out
+    assert "[repro] kd_t1: skipped: needs teacher" in out and "kd_t1 seed 0: started" not in out
+    assert sorted(repro.finished_runs(Path("runs/repro"), "tiny", "solo")) == [1]
+    assert "max_epochs" in Path("runs/repro/tiny/teacher/seed0.log").read_text()
+    assert "**Incomplete**: not yet run: teacher seed 0, kd_t1 seed 0." in Path("results/tiny.md").read_text()
+
+
+def test_jobs_below_one_is_one_error_before_any_run(experiment):
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        repro.main([str(experiment), "--jobs", "0"])
+    assert not Path("runs").exists()
