@@ -289,12 +289,11 @@ def _crop_resize_banded(images: Tensor, rows: Tensor, columns: Tensor, size: int
 
 
 def _interpolation_matrix(positions: Tensor, extent: int) -> Tensor:
-    """``[batch, size, extent]``: row j holds the two bilinear weights of output j."""
+    """``[batch, extent, size]``: column j holds the two bilinear weights of output j (one band block
+    spanning the whole axis)."""
     first, second, weight = _taps(positions, extent)
-    matrix = torch.zeros(*positions.shape, extent)
-    matrix.scatter_(2, first[:, :, None], (1 - weight)[:, :, None])
-    matrix.scatter_add_(2, second[:, :, None], weight[:, :, None])
-    return matrix
+    origin = torch.zeros(len(positions), dtype=torch.long)
+    return _band(first, second, weight, origin, origin, extent, positions.shape[1])[:, 0]
 
 
 def _crop_resize_dense(images: Tensor, rows: Tensor, columns: Tensor, size: int, flips: Tensor | None,
@@ -305,8 +304,9 @@ def _crop_resize_dense(images: Tensor, rows: Tensor, columns: Tensor, size: int,
     if flips is not None:
         columns = torch.where(flips[:, None], columns.flip(1), columns)
     blended = torch.bmm(images.reshape(batch, channels * height, width).float(),
-                        _interpolation_matrix(columns, width).transpose(1, 2))
-    out = torch.matmul(_interpolation_matrix(rows, height)[:, None], blended.view(batch, channels, height, size))
+                        _interpolation_matrix(columns, width))
+    out = torch.matmul(_interpolation_matrix(rows, height).transpose(1, 2)[:, None],
+                       blended.view(batch, channels, height, size))
     return out if mix is None else _mix_neighbours(out, mix)
 
 

@@ -62,7 +62,7 @@ from distill.report import (
     stage_table,
     summary_table,
 )
-from distill.run import RESULTS_FILE
+from distill.run import RESULTS_FILE, child_environment
 
 REFERENCE = re.compile(r"\{model:([A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)?)\}")
 RUN_KEYS = {"name", "config", "seeds", "set"}
@@ -125,6 +125,12 @@ def finished_runs(runs_root: Path, experiment: str, name: str) -> dict[int, dict
     return found
 
 
+def lowest_seed_model(runs_root: Path, experiment: str, name: str) -> str | None:
+    """The exported network of run ``name``'s lowest-seed finished run (what ``{model:name}`` means), if any."""
+    done = finished_runs(runs_root, experiment, name)
+    return done[min(done)]["model_file"] if done else None
+
+
 def _references(entry: Mapping[str, Any]) -> list[str]:
     """The ``{model:...}`` references in a run's overrides, in order."""
     return [ref for value in (entry.get("set") or {}).values() for ref in REFERENCE.findall(str(value))]
@@ -135,12 +141,12 @@ def _model_file(reference: str, models: Mapping[str, str], runs_root: Path) -> s
     if "/" not in reference:
         return models[reference]
     experiment, name = reference.split("/")
-    done = finished_runs(runs_root, experiment, name)
-    if not done:
+    model = lowest_seed_model(runs_root, experiment, name)
+    if model is None:
         raise ConfigError(f"{{model:{reference}}} names run {name!r} of experiment {experiment!r}, which has no "
                           f"finished run under {runs_root}; run `distill repro experiments/{experiment}.yaml "
                           f"--only {name}` first.")
-    return done[min(done)]["model_file"]
+    return model
 
 
 def _override(key: str, value: Any, models: Mapping[str, str], runs_root: Path) -> str:
@@ -193,29 +199,13 @@ def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str]
                     distill_main(args)
                 finally:
                     sys.argv = argv
-            done = finished_runs(runs_root, spec["name"], entry["name"])
-        if done:
-            models[entry["name"]] = done[min(done)]["model_file"]
+        model = lowest_seed_model(runs_root, spec["name"], entry["name"])
+        if model is not None:
+            models[entry["name"]] = model
     return []
 
 
 # --------------------------------------------------------------------------------------- parallel runs
-def _child_environment() -> dict[str, str]:
-    """The environment of a ``distill fit`` subprocess.
-
-    One thread each unless the user chose otherwise: N runs at once on N cores would otherwise fight over
-    them. The driver's own package comes first on the path, so a checkout runs its own code, not an
-    installed copy. A stray run directory variable would make every child write into one run.
-    """
-    from distill.run import RUN_DIR_ENV
-
-    env = {"OMP_NUM_THREADS": "1", **os.environ}
-    env.pop(RUN_DIR_ENV, None)
-    package_root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
-
-
 class _Job:
     """One (entry, seed) running as ``distill fit`` in a subprocess, its output in a log beside its run."""
 
@@ -229,7 +219,7 @@ class _Job:
             log.write(f"distill {' '.join(args)}\n")
             log.flush()
             self.process = subprocess.Popen([sys.executable, "-m", "distill.cli", *args], stdout=log,
-                                            stderr=subprocess.STDOUT, env=_child_environment())
+                                            stderr=subprocess.STDOUT, env=child_environment())
         self.started = time.time()
         print(f"[repro] {self.name} seed {seed}: started, log {self.log}", flush=True)
 
@@ -264,9 +254,9 @@ def run_parallel(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] |
 
     def settle(name: str) -> None:
         settled.add(name)
-        done = finished_runs(runs_root, spec["name"], name)
-        if done:
-            models[name] = done[min(done)]["model_file"]
+        model = lowest_seed_model(runs_root, spec["name"], name)
+        if model is not None:
+            models[name] = model
 
     def ready(name: str) -> bool:
         """Whether a pending entry's references are settled; marks it failed when one of them cannot teach."""

@@ -29,6 +29,20 @@ from distill.teachers import save_network
 #: Set by the process that starts a run so that DDP worker processes (which re-run the command)
 #: log into the same run directory instead of picking the next free version.
 RUN_DIR_ENV = "DISTILL_RUN_DIR"
+
+
+def child_environment() -> dict[str, str]:
+    """The environment of a ``distill fit`` subprocess started by this package (repro, killtest).
+
+    One torch thread unless the user chose otherwise: several runs at once on a few cores would otherwise
+    fight over them. This package comes first on the path, so a checkout runs its own code, not an
+    installed copy. A run directory inherited from a parent run would make every child write into it.
+    """
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    env.pop(RUN_DIR_ENV, None)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
 # TensorBoard and CSV logs share the run directory on purpose; the CSV logger only ever replaces
 # its own metrics.csv there, so its "directory not empty" warning is noise.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")

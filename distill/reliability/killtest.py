@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -74,10 +73,9 @@ def _command() -> list[str]:
 
 
 def _environment(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env.pop("DISTILL_RUN_DIR", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
-    return env
+    from distill.run import child_environment
+
+    return {**child_environment(), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _latest_run(parent: Path) -> Path | None:
