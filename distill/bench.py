@@ -58,7 +58,7 @@ from distill import teacher_cache
 from distill.losses import hinton_kd_objective, kd_loss
 from distill.methods import BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised, TeacherAssistantKD
 from distill.methods.residual_kd import feature_mse
-from distill.speed import apply_speed_options
+from distill.speed import apply_speed_options, trim_loop_overhead
 from distill.teachers import NetworkSpec, save_network
 
 REQUIRED_KEYS = ("method", "teacher", "student", "batch_size", "device", "precision", "images_per_s",
@@ -404,6 +404,41 @@ class Interleave(Callback):
             self.bound_s.append(self.bound.seconds(self.batches, self.steps))
 
 
+class LightningFloor(L.LightningModule):
+    """A row's bound as a bare LightningModule: Lightning's loop around the bound's work and nothing else.
+
+    Its ``training_step`` returns the bound's loss, it clips as the bound does, and it trains the
+    method's networks (a child module, so Lightning's ``train()`` reaches them and the method keeps its
+    frozen networks in eval mode) with the optimiser and schedules the method's Trainer built, whose
+    state simply continues. None of our bookkeeping or callbacks run, only the cheaper no-op profiler
+    every method run gets (:func:`~distill.speed.trim_loop_overhead`). Timed against the same bound, it
+    gives ``floor_ratio``: the share of the bound that Lightning's automatic-optimisation loop itself
+    leaves, the most a method run by this Trainer can be expected to reach.
+    """
+
+    def __init__(self, method: DistillModule, bound: Bound, trainer: L.Trainer) -> None:
+        super().__init__()
+        self.method = method
+        self.bound_loss, self.clip_norm = bound.loss, bound.clip_norm
+        self.built = ([trainer.optimizers[0]],
+                      [{"scheduler": c.scheduler, "interval": c.interval} for c in trainer.lr_scheduler_configs])
+
+    def setup(self, stage: str) -> None:
+        trim_loop_overhead(self.trainer)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return self.bound_loss(batch)
+
+    def configure_optimizers(self) -> Any:
+        return self.built
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if self.clip_norm:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                           self.clip_norm)
+
+
 def _quiet_trainer(device: torch.device, precision: str, **kwargs: Any) -> L.Trainer:
     options = dict(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
                    logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -435,6 +470,7 @@ class StepSpec:
     channels_last: bool = False
     compile: bool | str = False
     threads: int | None = None
+    floor: bool = True
 
 
 def measure_step(spec: StepSpec) -> dict[str, Any]:
@@ -460,24 +496,37 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
         trainer = _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[timer],
                                  default_root_dir=scratch)
         trainer.fit(module, train_dataloaders=loader)
+        floor_timer = None
+        if spec.floor:
+            floor_timer = Interleave(bound, batches, spec.warmup, spec.steps, device)
+            _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[floor_timer],
+                           default_root_dir=scratch).fit(LightningFloor(module, entry.bound(module), trainer),
+                                                         train_dataloaders=loader)
     images = spec.batch_size * spec.steps
     method_ips = images / statistics.median(timer.method_s)
     bound_ips = images / statistics.median(timer.bound_s)
-    # Each method chunk runs right before its bound chunk, so their ratio cancels the machine's
-    # load drifting between repeats; the median of those paired ratios is the row's ratio.
-    ratio = statistics.median(b / m for m, b in zip(timer.method_s, timer.bound_s))
+    floor = {}
+    if floor_timer is not None:
+        floor = {"floor_images_per_s": round(images / statistics.median(floor_timer.method_s), 2),
+                 "floor_ratio": round(_paired_ratio(floor_timer), 4)}
     return {
         "kind": "step", "method": spec.method, "pair": pair.name,
         "teacher": getattr(pair, entry.teacher_role) if entry.teacher_role else None,
         "student": getattr(pair, entry.student_role), "batch_size": spec.batch_size,
         "device": describe_device(device), "precision": spec.precision,
         "images_per_s": round(method_ips, 2), "bound_images_per_s": round(bound_ips, 2),
-        "ratio": round(ratio, 4), "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "ratio": round(_paired_ratio(timer), 4), **floor, "peak_memory_mb": round(peak_memory_mb(device), 1),
         "repeats": spec.repeats, "steps": spec.steps,
         "method_images_per_s_each": [round(images / s, 2) for s in timer.method_s],
         "bound_images_per_s_each": [round(images / s, 2) for s in timer.bound_s],
         "channels_last": spec.channels_last, "compile": spec.compile,
     }
+
+
+def _paired_ratio(timer: Interleave) -> float:
+    # Each chunk of training steps runs right before its bound chunk, so their ratio cancels the
+    # machine's load drifting between repeats; the median of those paired ratios is the row's ratio.
+    return statistics.median(b / m for m, b in zip(timer.method_s, timer.bound_s))
 
 
 def measure_step_isolated(spec: StepSpec) -> dict[str, Any]:
@@ -650,7 +699,7 @@ def measure_ddp(processes: int, batch_size: int, epochs: int, workdir: Path) -> 
 # ------------------------------------------------------------------------------------- the command
 def format_table(records: list[dict[str, Any]]) -> str:
     header = ["kind", "pair / data", "method", "batch", "precision", "img/s", "bound img/s", "ratio",
-              "peak MB", "data wait"]
+              "Lightning floor", "peak MB", "data wait"]
     rows = []
     for r in records:
         where = r["pair"] if r["kind"] in ("step", "overhead") else f"{r.get('dataset')}: {r['pair']}"
@@ -663,7 +712,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         rows.append([r["kind"], where, r["method"], str(r["batch_size"]), r["precision"],
                      fmt(r["images_per_s"], ".0f"), fmt(r["bound_images_per_s"], ".0f"), fmt(r["ratio"], ".3f"),
-                     fmt(r["peak_memory_mb"], ".0f"), fmt(r.get("data_wait_share"), ".1%")])
+                     fmt(r.get("floor_ratio"), ".3f"), fmt(r["peak_memory_mb"], ".0f"), fmt(r.get("data_wait_share"), ".1%")])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -700,6 +749,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="distill fit with 1 and 2 CPU processes (default: on unless --quick)")
     parser.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                         help="first row: Lightning's own cost per training step (an empty step), on CPU")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="per step row, also time a bare LightningModule doing only the bound's work in the "
+                             "same kind of Trainer (floor_ratio: what Lightning's own loop leaves of the bound)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="measure each step row in a fresh process, for a per-row peak memory (default: "
                              "on unless --quick; each process spends seconds importing torch and lightning)")
@@ -737,7 +789,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def step(method: str, pair: str, batch_size: int) -> None:
         add(measure(StepSpec(method, pair, batch_size, args.device, args.precision, args.steps, args.warmup,
-                             args.repeats, args.channels_last, args.compile, torch.get_num_threads())))
+                             args.repeats, args.channels_last, args.compile, torch.get_num_threads(), args.floor)))
 
     print(format_table([]))
     if device.type == "cpu" and args.overhead:

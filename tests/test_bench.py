@@ -35,6 +35,7 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
         assert set(REQUIRED_KEYS) <= set(record)
         assert record["images_per_s"] > 0 and record["bound_images_per_s"] > 0 and record["ratio"] > 0
         assert len(record["method_images_per_s_each"]) == 2
+        assert record["floor_ratio"] > 0 and record["floor_images_per_s"] > 0
     by_method = {r["method"]: r for r in records}
     assert by_method["Supervised"]["teacher"] is None
     assert (by_method["TeacherAssistantKD/ta1"]["teacher"], by_method["TeacherAssistantKD/ta1"]["student"]) == \
@@ -245,6 +246,40 @@ def test_bound_steps_the_methods_own_optimiser_and_schedule(tmp_path):
     assert len(timer.method_s) == len(timer.bound_s) == 2
     # both stepped the one optimiser: 5 method steps, 1 + 2 × 2 bound steps
     assert int(next(iter(plain.optimizer.state.values()))["step"]) == 10
+
+
+def test_lightning_floor_runs_the_bound_on_the_methods_networks_optimiser_and_clipping(tmp_path):
+    """The floor row trains the method's own networks with the optimiser and schedule its Trainer built
+    (their state continues), keeps the frozen teacher in eval mode, and clips as the recipe does."""
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import Callback
+
+    from distill.bench import METHODS, PAIRS, BenchContext, LightningFloor, _Cycle, _quiet_trainer, make_batches
+
+    pair, device = PAIRS["tiny_mlp"], torch.device("cpu")
+    batches = make_batches(pair, 8, 2, device)
+    entry = METHODS["PatientConsistentKD/consistent"]
+    module = entry.build(BenchContext(pair, Path(tmp_path), batches))
+    trainer = _quiet_trainer(device, "32-true", max_epochs=-1, max_steps=3, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=_Cycle(batches, 3))
+    optimizer, schedule = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+
+    class Check(Callback):
+        seen: list = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, opt):
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.student.parameters()]))
+            self.seen.append((module.teacher.training, module.student.training, opt is optimizer, float(norm)))
+
+    floor = LightningFloor(module, entry.bound(module), trainer)
+    floor_trainer = _quiet_trainer(device, "32-true", max_epochs=-1, max_steps=4, callbacks=[Check()],
+                                   default_root_dir=tmp_path)
+    floor_trainer.fit(floor, train_dataloaders=_Cycle(batches, 4))
+    assert floor_trainer.optimizers == [optimizer] and floor_trainer.lr_scheduler_configs[0].scheduler is schedule
+    assert int(next(iter(optimizer.state.values()))["step"]) == 3 + 4 and schedule.last_epoch == 3 + 4
+    assert [seen[:3] for seen in Check.seen] == [(False, True, True)] * 4
+    assert all(norm <= module.hparams.grad_clip_norm + 1e-4 for *_, norm in Check.seen)
 
 
 def _kd_model(teacher_file):
