@@ -19,7 +19,9 @@
   PatientConsistentKD's AdamW, warm-up/cosine schedule and norm clipping at 1). ``ratio`` is the share of the bound the
   method reaches: the median, over ``--repeats`` alternating measurements, of (method images/s) /
   (bound images/s) measured back to back; ``images_per_s`` and ``bound_images_per_s`` are the
-  medians of each.
+  medians of each. ``floor_ratio`` is the same ratio for :class:`LightningFloor`, a bare
+  LightningModule doing only the bound's work in the same kind of Trainer: what Lightning's own loop
+  leaves of the bound, against which ``ratio`` shows what our bookkeeping adds.
 * ``fit``: the full loop, ``Trainer.fit`` with the real :class:`~distill.data.DistillDataModule`,
   training only, and the share of its time spent waiting for data (:class:`DataWait`).
 * ``ddp``: ``distill fit`` in a subprocess with 1 and 2 CPU processes (``train_images_per_s`` of
