@@ -51,9 +51,8 @@ def preemptible_after_training(trainer: L.Trainer) -> Iterator[None]:
 
     def stop(signum: int, frame: Any) -> None:
         run_dir = Path(last).parent.parent if last else Path(trainer.log_dir or trainer.default_root_dir)
-        raise Preempted(f"pre-empted by {signal.Signals(signum).name} after training, before the test: "
-                        f"{last or 'the last checkpoint'} holds the finished training; continue with: "
-                        f"distill fit --resume {run_dir}", last)
+        raise Preempted(f"by {signal.Signals(signum).name} after training, before the test: "
+                        f"{last or 'the last checkpoint'} holds the finished training", last, run_dir)
 
     previous = {signum: signal.signal(signum, stop) for signum in signals}
     try:
@@ -66,9 +65,9 @@ def preemptible_after_training(trainer: L.Trainer) -> Iterator[None]:
 class Preempted(SystemExit):
     """A run stopped by SIGTERM/SIGUSR1 after saving ``last.ckpt``: exit status 0, resume to finish."""
 
-    def __init__(self, message: str, checkpoint: str) -> None:
+    def __init__(self, what: str, checkpoint: str, run_dir: Path) -> None:
         super().__init__(0)
-        self.message = message
+        self.message = f"pre-empted {what}; continue with: distill fit --resume {run_dir}"
         self.checkpoint = checkpoint
 
 
@@ -202,6 +201,5 @@ class RunGuard(Callback):
 
     def _stop(self, trainer: L.Trainer, path: str) -> None:
         name = signal.Signals(self._requested).name if self._requested else "a signal on another process"
-        run_dir = Path(path).parent.parent
-        raise Preempted(f"pre-empted by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}: "
-                        f"saved {path}; continue with: distill fit --resume {run_dir}", path)
+        raise Preempted(f"by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}",
+                        path, Path(path).parent.parent)
