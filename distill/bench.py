@@ -780,18 +780,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, failures: list[str] | None = None) -> list[dict[str, Any]]:
+    """The measurements ``args`` ask for. A step row that fails (e.g. its loss turns non-finite) is
+    reported on stderr and in ``failures`` and the run goes on: one row must not cost a long run's others."""
     device = torch.device(args.device)
     measure = measure_step_isolated if args.isolate else measure_step
     records: list[dict[str, Any]] = []
+    failures = [] if failures is None else failures
 
     def add(record: dict[str, Any]) -> None:
         records.append(record)
         print(format_table([record]).splitlines()[-1], flush=True)
 
     def step(method: str, pair: str, batch_size: int) -> None:
-        add(measure(StepSpec(method, pair, batch_size, args.device, args.precision, args.steps, args.warmup,
-                             args.repeats, args.channels_last, args.compile, torch.get_num_threads(), args.floor)))
+        try:
+            add(measure(StepSpec(method, pair, batch_size, args.device, args.precision, args.steps, args.warmup,
+                                 args.repeats, args.channels_last, args.compile, torch.get_num_threads(),
+                                 args.floor)))
+        except Exception as error:  # noqa: BLE001 - any row's failure is reported, the rest still run
+            last = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            failures.append(f"{method} on {pair}, batch {batch_size}: {type(error).__name__}: {last}")
+            print(f"(step row failed: {failures[-1]})", file=sys.stderr, flush=True)
 
     print(format_table([]))
     if device.type == "cpu" and args.overhead:
@@ -840,12 +849,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return []
     print(environment(), flush=True)
     started = time.perf_counter()
-    records = run(args)
+    failures: list[str] = []
+    records = run(args, failures)
     print(f"\n{format_table(records)}\n\n{len(records)} measurements in {time.perf_counter() - started:.0f} s; "
           f"{environment()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2))
+    if failures:
+        print(f"{len(failures)} step row(s) failed; the others are above"
+              f"{' and in ' + str(args.json) if args.json else ''}:\n  " + "\n  ".join(failures), file=sys.stderr)
+        raise SystemExit(1)
     return records
 
 

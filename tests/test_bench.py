@@ -43,6 +43,30 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
     assert "| step | tiny_mlp | BaselineKD | 8 |" in capsys.readouterr().out
 
 
+def test_a_failing_step_row_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    import distill.bench as bench
+    from distill.errors import NonFiniteLossError
+
+    measure = bench.measure_step
+
+    def fails_for_kd(spec):
+        if spec.method == "BaselineKD":
+            raise NonFiniteLossError("non-finite training loss at global step 3")
+        return measure(spec)
+
+    monkeypatch.setattr(bench, "measure_step", fails_for_kd)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as stop:
+        main([*QUICK, "--no-isolate", "--no-overhead", "--no-floor", "--methods", "BaselineKD", "Supervised",
+              "--json", str(out)])
+    assert stop.value.code == 1
+    (record,) = json.loads(out.read_text())
+    assert record["method"] == "Supervised" and "floor_ratio" not in record
+    err = capsys.readouterr().err
+    assert "1 step row(s) failed" in err
+    assert "BaselineKD on tiny_mlp, batch 8: NonFiniteLossError: non-finite training loss at global step 3" in err
+
+
 @pytest.mark.slow  # a fresh process imports torch and lightning: 10 s of CPU, a minute on a busy machine
 def test_isolated_step_row_measures_its_own_process(tmp_path):
     out = tmp_path / "bench.json"
