@@ -87,6 +87,9 @@ class DistillCLI(LightningCLI):
             self.model.nonfinite_loss = self._get(self.config, "nonfinite_loss") or "stop"
 
     def instantiate_trainer(self, **kwargs: Any):
+        if self.config.get("subcommand") == "fit" and isinstance(self.model, DistillModule) \
+                and isinstance(self.datamodule, DistillDataModule):
+            self.model.check_training_data(self.datamodule.augment)  # before a run directory is claimed
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             run_dir = self._run_dir()
@@ -233,7 +236,10 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
         raise SystemExit(0) from None
     finally:
         if owns_run_dir:
-            os.environ.pop(RUN_DIR_ENV, None)
+            claimed = os.environ.pop(RUN_DIR_ENV, None)
+            # a run that stopped before writing anything gives back the version directory it claimed
+            if claimed and Path(claimed).is_dir() and not any(Path(claimed).iterdir()):
+                Path(claimed).rmdir()
 
 
 #: Subcommands that are not LightningCLI's: ``distill <name> ...`` calls ``<module>.main(argv)``.

@@ -51,10 +51,21 @@ EXPORT_FILE = "model.safetensors"
 
 
 def next_version_dir(root: str | Path, name: str) -> Path:
-    """``root/name/version_N`` with N one above the highest existing version: never an existing run."""
+    """``root/name/version_N`` with N one above the highest existing version, created here: never an
+    existing run's directory, also when several runs of one name start at once (``distill repro --jobs``,
+    a SLURM job array): each claims its directory with an exclusive ``mkdir``, and one that loses the
+    race takes the next N."""
     parent = Path(root) / name
+    parent.mkdir(parents=True, exist_ok=True)
     taken = [int(m.group(1)) for p in parent.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return parent / f"version_{max(taken, default=-1) + 1}"
+    version = max(taken, default=-1) + 1
+    while True:
+        claimed = parent / f"version_{version}"
+        try:
+            claimed.mkdir()
+            return claimed
+        except FileExistsError:
+            version += 1
 
 
 def run_loggers(root: str | Path, name: str, version_dir: Path | None = None, resume: bool = False) -> list[Any]:

@@ -74,7 +74,45 @@ BAD_INPUTS = {
     "missing teacher": (["--model.init_args.teacher", "missing.safetensors"], "missing.safetensors"),
     "temperature <= 0": (["--model.init_args.temperature", "0"], "temperature"),
     "alpha > 1": (["--model.init_args.alpha", "1.5"], "alpha"),
+    # found in setup, after the run directory was claimed
+    "teacher cache with augmentation": (["--model.init_args.cache_teacher_outputs", "true", "--data.augment", "jitter"],
+                                        "cache_teacher_outputs"),
 }
+
+
+def test_runs_of_one_name_started_at_once_claim_distinct_version_directories(tmp_path):
+    import threading
+
+    from distill.run import next_version_dir
+
+    (tmp_path / "exp" / "kd" / "version_3").mkdir(parents=True)  # an earlier run
+    start, claimed = threading.Barrier(12), []
+
+    def claim() -> None:
+        start.wait()
+        claimed.append(next_version_dir(tmp_path, "exp/kd"))
+
+    threads = [threading.Thread(target=claim) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(p.name for p in claimed) == sorted(f"version_{n}" for n in range(4, 16))
+    assert all(p.is_dir() and not any(p.iterdir()) for p in claimed)
+
+
+def test_a_run_stopped_before_writing_anything_gives_back_its_version_directory(monkeypatch, existing_run, capsys):
+    from distill.errors import ConfigError
+
+    def stop(self) -> None:
+        raise ConfigError("stopped between claiming the run directory and training")
+
+    monkeypatch.setattr(DistillCLI, "before_fit", stop)
+    versions = sorted(existing_run.rglob("version_*"))
+    with pytest.raises(SystemExit) as exit_info:
+        fit("mnist5k/scratch.yaml")
+    assert exit_info.value.code == 2 and "stopped between" in capsys.readouterr().err
+    assert sorted(existing_run.rglob("version_*")) == versions
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -82,6 +120,7 @@ def test_bad_input_one_line_error_nothing_touched(case, tmp_path, existing_run, 
     args, expected = BAD_INPUTS[case]
     write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
     before = tree_snapshot(existing_run)
+    paths = sorted(existing_run.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
         fit("mnist5k/kd.yaml", "--model.init_args.teacher", "teacher.safetensors", *args)
     assert exit_info.value.code == 2
@@ -89,6 +128,7 @@ def test_bad_input_one_line_error_nothing_touched(case, tmp_path, existing_run, 
     assert err[-1].startswith("distill: error: ") and expected in err[-1], err
     assert "Traceback" not in "\n".join(err)
     assert tree_snapshot(existing_run) == before
+    assert sorted(existing_run.rglob("*")) == paths  # not even an empty version directory left behind
 
 
 @pytest.mark.parametrize("case", ["corrupt", "wrong classes", "unsafe pickle"])

@@ -160,6 +160,15 @@ class DistillModule(L.LightningModule):
         """The training loaders' augmentation preset (``"none"`` when fit without a DistillDataModule)."""
         return getattr(getattr(self.trainer, "datamodule", None), "augment", "none")
 
+    def check_training_data(self, augment: str) -> None:
+        """Raises :class:`~distill.errors.ConfigError` if the method cannot train on loaders with this
+        augmentation preset (nothing to check here). ``distill fit`` calls it before the run directory
+        is made, so such a run fails before anything is written; ``setup`` calls it for runs from Python."""
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_training_data(self.training_augment())
+
     def active_teacher(self) -> nn.Module | None:
         """The network teaching now; staged methods change it from stage to stage."""
         return self.teacher

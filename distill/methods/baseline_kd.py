@@ -86,9 +86,8 @@ class BaselineKD(DistillModule):
         #: of running the teacher (filled in on_fit_start with ``cache_teacher_outputs``).
         self.cached_logits: Tensor | None = None
 
-    def setup(self, stage: str) -> None:
-        augment = self.training_augment()
-        if stage == "fit" and self.hparams.cache_teacher_outputs and augment != "none":
+    def check_training_data(self, augment: str) -> None:
+        if self.hparams.cache_teacher_outputs and augment != "none":
             raise ConfigError(
                 f"cache_teacher_outputs stores one teacher output per training image, but data.augment is "
                 f"{augment!r}, so the teacher's input changes every epoch; set data.augment: none, or "

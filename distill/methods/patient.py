@@ -272,10 +272,9 @@ class PatientConsistentKD(DistillModule):
         if views.teacher is not None:
             experiment.add_image("inputs/teacher", grid(views.teacher), self.global_step)
 
-    def setup(self, stage: str) -> None:
+    def check_training_data(self, augment: str) -> None:
         # a second augmentation in the loaders would crop the crops: fail before training starts
-        augment = self.training_augment()
-        if stage == "fit" and augment != "none":
+        if augment != "none":
             raise ConfigError(f"PatientConsistentKD crops, flips and mixes on the device; the data module's augment "
                               f"is {augment!r}: set data.augment to none (and train_image_size for large images).")
 
