@@ -60,6 +60,7 @@ from distill import teacher_cache
 from distill.losses import hinton_kd_objective, kd_loss
 from distill.methods import BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised, TeacherAssistantKD
 from distill.methods.residual_kd import feature_mse
+from distill.run import child_environment
 from distill.speed import apply_speed_options, trim_loop_overhead
 from distill.teachers import NetworkSpec, save_network
 
@@ -332,6 +333,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def optimised_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 class PlainStep:
     """Runs a row's :class:`Bound` in plain torch: the loss under the row's autocast, then
     ``zero_grad(set_to_none=True)``, backward, clipping, and the step of the method's own optimiser and
@@ -352,7 +357,7 @@ class PlainStep:
         started later sees more such zeros. The bound's steps advance the schedule as well."""
         self.optimizer = trainer.optimizers[0]
         self.schedulers = [config.scheduler for config in trainer.lr_scheduler_configs if config.interval == "step"]
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.params = optimised_parameters(self.optimizer)
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> None:
         bound, optimizer = self.bound, self.optimizer
@@ -437,8 +442,7 @@ class LightningFloor(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         if self.clip_norm:
-            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
-                                           self.clip_norm)
+            torch.nn.utils.clip_grad_norm_(optimised_parameters(optimizer), self.clip_norm)
 
 
 def _quiet_trainer(device: torch.device, precision: str, **kwargs: Any) -> L.Trainer:
@@ -502,7 +506,7 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
         if spec.floor:
             floor_timer = Interleave(bound, batches, spec.warmup, spec.steps, device)
             _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[floor_timer],
-                           default_root_dir=scratch).fit(LightningFloor(module, entry.bound(module), trainer),
+                           default_root_dir=scratch).fit(LightningFloor(module, bound.bound, trainer),
                                                          train_dataloaders=loader)
     images = spec.batch_size * spec.steps
     method_ips = images / statistics.median(timer.method_s)
@@ -534,17 +538,10 @@ def _paired_ratio(timer: Interleave) -> float:
 def measure_step_isolated(spec: StepSpec) -> dict[str, Any]:
     """:func:`measure_step` in a fresh Python process: a clean peak memory and no state from other rows."""
     command = [sys.executable, "-m", "distill.bench", "--worker", json.dumps(asdict(spec))]
-    done = subprocess.run(command, capture_output=True, text=True, env=_child_env())
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(default_threads=None))
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker for {spec.method} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    return env
 
 
 def describe_device(device: torch.device) -> str:
@@ -685,7 +682,7 @@ def measure_ddp(processes: int, batch_size: int, epochs: int, workdir: Path) -> 
                "--run_name", f"ddp{processes}"]
     if processes > 1:
         command += ["--trainer.strategy", "ddp"]
-    done = subprocess.run(command, capture_output=True, text=True, env=_child_env(), cwd=workdir)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_environment(default_threads=None), cwd=workdir)
     if done.returncode != 0:
         raise RuntimeError(f"distill fit with {processes} processes failed:\n{done.stderr[-3000:]}")
     results = json.loads((workdir / "runs" / f"ddp{processes}" / "latest" / "results.json").read_text())
@@ -780,13 +777,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, failures: list[str] | None = None) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, failures: list[str]) -> list[dict[str, Any]]:
     """The measurements ``args`` ask for. A step row that fails (e.g. its loss turns non-finite) is
     reported on stderr and in ``failures`` and the run goes on: one row must not cost a long run's others."""
     device = torch.device(args.device)
     measure = measure_step_isolated if args.isolate else measure_step
     records: list[dict[str, Any]] = []
-    failures = [] if failures is None else failures
 
     def add(record: dict[str, Any]) -> None:
         records.append(record)

@@ -31,14 +31,17 @@ from distill.teachers import save_network
 RUN_DIR_ENV = "DISTILL_RUN_DIR"
 
 
-def child_environment() -> dict[str, str]:
-    """The environment of a ``distill fit`` subprocess started by this package (repro, killtest).
+def child_environment(default_threads: int | None = 1) -> dict[str, str]:
+    """The environment of a subprocess started by this package (repro, killtest, bench).
 
-    One torch thread unless the user chose otherwise: several runs at once on a few cores would otherwise
-    fight over them. This package comes first on the path, so a checkout runs its own code, not an
-    installed copy. A run directory inherited from a parent run would make every child write into it.
+    ``default_threads`` torch threads unless the user chose otherwise (``None``: torch's default): several
+    runs at once on a few cores would otherwise fight over them. This package comes first on the path, so
+    a checkout runs its own code, not an installed copy. A run directory inherited from a parent run would
+    make every child write into it.
     """
-    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    env = dict(os.environ)
+    if default_threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(default_threads))
     env.pop(RUN_DIR_ENV, None)
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
