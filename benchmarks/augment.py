@@ -5,7 +5,7 @@
 
 Both pipelines take the same uint8 batch (what the DataModule's workers decode) and return the same
 float32 batch of ``--out`` × ``--out`` crops: per sample, torchvision v2 ``RandomResizedCrop``
-(scale 0.08–1, ratio 3/4–4/3, antialiased) + ``RandomHorizontalFlip``, then stack and
+(scale and ratio of ``augment.INCEPTION_SCALE``/``INCEPTION_RATIO``, antialiased) + ``RandomHorizontalFlip``, then stack and
 :func:`distill.augment.mixup` (the data-loader way); batched, :func:`distill.augment.crop_resize` with
 the flips and the mixup done in the same pass (bilinear without anti-aliasing, as big_vision's
 ``inception_crop``; on the CPU interpolation-matrix products, for large images banded and image by

@@ -14,7 +14,7 @@ seeds the generator from ``(global seed, epoch, batch, rank)`` (see
 ranks.
 
 Official code: big_vision ``pp/ops_image.py`` (``inception_crop``: TF's ``sample_distorted_bounding_box``
-with area 0.08–1, aspect 3/4–4/3, whole image as fallback; ``flip_lr``) and ``utils.py`` (``mixup``:
+with area 0.05–1, aspect 0.75–1.33, 100 attempts, whole image as fallback; ``flip_lr``) and ``utils.py`` (``mixup``:
 one ``a ~ Beta(p, p)`` per batch, ``a = max(a, 1 − a)``, partner = the batch rolled by one).
 """
 
@@ -29,8 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-INCEPTION_SCALE = (0.08, 1.0)
-INCEPTION_RATIO = (3 / 4, 4 / 3)
+#: big_vision's ``inception_crop(area_min=5)`` through TF's ``sample_distorted_bounding_box`` defaults
+#: (aspect ratio 0.75–1.33, 100 attempts); torchvision's RandomResizedCrop uses area 0.08–1, ratio 3/4–4/3.
+INCEPTION_SCALE = (0.05, 1.0)
+INCEPTION_RATIO = (0.75, 1.33)
+INCEPTION_ATTEMPTS = 100
 
 
 def batch_generator(*keys: int) -> torch.Generator:
@@ -53,28 +56,51 @@ def sample_inception_boxes(
     generator: torch.Generator,
     scale: Sequence[float] = INCEPTION_SCALE,
     ratio: Sequence[float] = INCEPTION_RATIO,
-    attempts: int = 10,
+    attempts: int = INCEPTION_ATTEMPTS,
 ) -> Tensor:
-    """Per-sample random crop boxes ``[batch, 4]`` as ``(x1, y1, x2, y2)`` in pixels (float, CPU).
+    """Per-sample random crop boxes ``[batch, 4]`` as ``(x1, y1, x2, y2)`` in whole pixels (float, CPU).
 
-    The inception crop: area uniform in ``scale`` × image area, aspect ratio log-uniform in ``ratio``;
-    the first of ``attempts`` candidates that fits the image is taken, otherwise the whole image (TF's
-    and torchvision's fallback), then the position is uniform. Boxes are continuous (sub-pixel), which
-    :func:`crop_resize` samples bilinearly.
+    The official code's inception crop: big_vision's ``inception_crop`` is TF's
+    ``sample_distorted_bounding_box`` with no object boxes, and this follows that op's sampler
+    (``GenerateRandomCrop``) candidate by candidate: the aspect ratio ``w/h`` is uniform in ``ratio``,
+    the height a uniform integer between the heights that give the smallest and largest area of
+    ``scale`` at that ratio (capped so the box fits), the width ``round(h·ratio)``, nudged by one pixel
+    where rounding leaves the area range; the first of ``attempts`` candidates that fits is taken,
+    otherwise the whole image, and its offset is a uniform integer. The defaults are that op's as
+    big_vision calls it: area 5–100 % (``area_min=5``), ratio 0.75–1.33, 100 attempts.
+    (torchvision's ``RandomResizedCrop`` instead draws the area uniformly and the ratio log-uniformly,
+    continuous, in 10 attempts.) Only the random stream differs from TF's: every candidate's numbers
+    are drawn at once, for the whole batch.
     """
-    area = height * width
-    areas = area * torch.empty(batch, attempts).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(batch, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    aspect = log_ratio.exp()
-    widths, heights = (areas * aspect).sqrt(), (areas / aspect).sqrt()
-    fits = (widths <= width) & (heights <= height)
+    min_area = torch.tensor(scale[0] * height * width, dtype=torch.float32)
+    max_area = torch.tensor(scale[1] * height * width, dtype=torch.float32)
+    draws = torch.rand(batch, attempts, 2, generator=generator)
+    aspect = ratio[0] + draws[..., 0] * (ratio[1] - ratio[0])
+    lowest = (min_area / aspect).sqrt().round()
+    highest = (max_area / aspect).sqrt().round()
+    # the tallest box whose rounded width still fits the image: (W + ½)/ratio, one less if rounding disagrees
+    capped = ((width + 0.5 - 1e-7) / aspect).floor()
+    capped = torch.where((capped * aspect).round() > width, capped - 1, capped)
+    highest = torch.where((highest * aspect).round() > width, capped, highest).clamp(max=height)
+    lowest = torch.minimum(lowest, highest)
+    h = lowest + (draws[..., 1] * (highest - lowest + 1)).floor().clamp(max=highest - lowest)
+    w = (h * aspect).round()
+    too_small = w * h < min_area  # rounding: try one pixel taller, then one shorter
+    h = torch.where(too_small, h + 1, h)
+    w = torch.where(too_small, (h * aspect).round(), w)
+    too_large = w * h > max_area
+    h = torch.where(too_large, h - 1, h)
+    w = torch.where(too_large, (h * aspect).round(), w)
+    area = w * h
+    fits = (area >= min_area) & (area <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
     first = fits.to(torch.int8).argmax(dim=1)  # index of the first candidate that fits (0 if none)
     found = fits.any(dim=1)
     rows = torch.arange(batch)
-    w = torch.where(found, widths[rows, first], torch.full((batch,), float(width)))
-    h = torch.where(found, heights[rows, first], torch.full((batch,), float(height)))
-    x1 = torch.rand(batch, generator=generator) * (width - w)
-    y1 = torch.rand(batch, generator=generator) * (height - h)
+    w = torch.where(found, w[rows, first], torch.full((batch,), float(width)))
+    h = torch.where(found, h[rows, first], torch.full((batch,), float(height)))
+    offsets = torch.rand(batch, 2, generator=generator)
+    x1 = (offsets[:, 0] * (width - w)).floor()  # uniform in {0, …, W − w − 1}; 0 for the whole width
+    y1 = (offsets[:, 1] * (height - h)).floor()
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
 
 
