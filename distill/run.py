@@ -1,4 +1,5 @@
-"""Run directories and the end of a run: test the best-validation checkpoint, export, write results.json.
+"""Run directories and the end of a run: test the best-validation checkpoint (and, for methods that report
+the end of their schedule, the final weights), export, write results.json.
 
 These functions are what the CLI calls after ``Trainer.fit``; notebooks call them the same way::
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -51,6 +53,9 @@ def child_environment(default_threads: int | None = 1) -> dict[str, str]:
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 RESULTS_FILE = "results.json"
 EXPORT_FILE = "model.safetensors"
+#: Prefix of the metrics that the test of the final weights logs (``end_of_schedule/test/acc``), so that
+#: the run's TensorBoard and metrics.csv show them apart from the best checkpoint's ``test/acc``.
+END_OF_SCHEDULE_PREFIX = "end_of_schedule/"
 
 
 def next_version_dir(root: str | Path, name: str) -> Path:
@@ -130,6 +135,17 @@ def finish_fit(
 
     Model selection uses the validation split only; the test split is evaluated once, here. Returns
     the results dict (on every process; only global rank 0 writes files).
+
+    ``best_val_acc``, ``test_acc`` and ``test`` always describe the best-validation checkpoint (the
+    weights the fit ended with when there is none, e.g. without validation), and ``model.safetensors``
+    is that same network. A method with ``report_end_of_schedule`` (PatientConsistentKD: Beyer et al.
+    report the student at the end of the schedule) also gets ``results["end_of_schedule"]``: ``epoch``
+    and ``global_step`` the fit ended at, ``val_acc`` (the last validation's accuracy if that validation
+    ran on these final weights, else null), ``test_acc`` and ``test`` of the final weights. Those are
+    tested first, in memory, before the best checkpoint is loaded into the module; their metrics are
+    logged to the run's loggers as ``end_of_schedule/test/...`` (so metrics.csv and TensorBoard hold
+    both results, under distinct names) and stored in ``test`` without the prefix. Without a best
+    checkpoint the one test serves both. Staged methods (``evaluation_stages``) have no such entry.
     """
     throughput = throughput_callback(trainer)
     resumed_from = trainer.ckpt_path  # before the tests below replace it
@@ -138,6 +154,7 @@ def finish_fit(
     checkpoint = best_checkpoint_callback(trainer)
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     fit_epochs = trainer.current_epoch
+    end_of_schedule: dict[str, Any] | None = None
     stages = []
     for name in model.evaluation_stages():  # staged methods: every stage's network, the last one final
         record = dict(model.select_stage(name))
@@ -147,8 +164,13 @@ def finish_fit(
         test_metrics = {k.split("/", 1)[1]: v for k, v in stages[-1]["test"].items()}
         best_score = stages[-1].get("best_val_acc")
     else:
+        # the final weights first: testing the best checkpoint loads it into the module
+        separate = bool(model.report_end_of_schedule and best_path)
+        end_metrics = _test_final_weights(trainer, model, datamodule) if separate else None
         test_metrics = _test(trainer, model, datamodule, best_path or None)
         best_score = checkpoint.best_model_score if checkpoint is not None else None
+        if model.report_end_of_schedule:  # without a best checkpoint, the test above was of the final weights
+            end_of_schedule = _end_of_schedule(trainer, model, fit_epochs, end_metrics if separate else test_metrics)
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     # a resumed run: its earlier segments' fit time (up to the checkpoint it resumed from) counts too
     wall_time = time.time() - started + (throughput.previous_wall_s if throughput else 0.0)
@@ -170,6 +192,8 @@ def finish_fit(
         "run_dir": str(run_dir),
         "config": config if config is not None else dict(model.hparams),
     }
+    if end_of_schedule is not None:
+        results["end_of_schedule"] = end_of_schedule
     if stages:
         results["stages"] = stages
     if trainer.is_global_zero:
@@ -184,6 +208,44 @@ def _test(trainer: L.Trainer, model: DistillModule, datamodule: L.LightningDataM
           ckpt_path: str | None) -> dict[str, Any]:
     metrics = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     return {k: _plain(v) for k, v in (metrics[0] if metrics else {}).items()}
+
+
+def _test_final_weights(trainer: L.Trainer, model: DistillModule,
+                        datamodule: L.LightningDataModule) -> dict[str, Any] | None:
+    """Test metrics of the weights in memory, logged as ``end_of_schedule/test/...``, returned as ``test/...``.
+
+    ``trainer.test(model, ckpt_path=None)`` tests the module as it is, loading nothing, except under
+    SLURM when ``default_root_dir`` holds an HPC checkpoint (``hpc_ckpt_N.ckpt``, left by Lightning's
+    auto-requeue): Lightning would load that one. There the weights go through a weights-only
+    checkpoint of their own, which ``trainer.test`` loads instead.
+    """
+    hpc = SLURMEnvironment.detect() and any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    path = Path(trainer.log_dir or trainer.default_root_dir) / "end_of_schedule.ckpt" if hpc else None
+    prefix = model.log_prefix
+    model.log_prefix = END_OF_SCHEDULE_PREFIX + prefix
+    try:
+        if path is not None:
+            trainer.save_checkpoint(path, weights_only=True)
+        metrics = _test(trainer, model, datamodule, str(path) if path is not None else None)
+    finally:
+        model.log_prefix = prefix
+        if path is not None and trainer.is_global_zero:
+            path.unlink(missing_ok=True)
+    if trainer.ckpt_path != (str(path) if path is not None else None):  # another file's weights were tested
+        warnings.warn(f"the test of the final weights loaded {trainer.ckpt_path}; results.json records no "
+                      "end-of-schedule test", stacklevel=2)
+        return None
+    return {k.removeprefix(END_OF_SCHEDULE_PREFIX): v for k, v in metrics.items()}
+
+
+def _end_of_schedule(trainer: L.Trainer, model: DistillModule, fit_epochs: int,
+                     test_metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """``results["end_of_schedule"]``: where the fit ended, and the final weights' validation and test results."""
+    validated = model.last_validation
+    final = validated is not None and validated[1] == trainer.global_step
+    return {"epoch": fit_epochs, "global_step": trainer.global_step,
+            "val_acc": _plain(validated[2]) if final else None,
+            "test_acc": (test_metrics or {}).get("test/acc"), "test": test_metrics}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

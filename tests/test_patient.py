@@ -3,6 +3,7 @@ fixed teacher's cache, and the optimisation recipe."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -32,15 +33,38 @@ def batch(n=8, size=16, seed=0) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- augmentation
-def test_inception_boxes_follow_the_distribution():
+def test_inception_boxes_follow_the_official_sampler():
+    """big_vision's inception_crop = TF's sample_distorted_bounding_box(area 0.05–1, ratio 0.75–1.33, 100 attempts):
+    whole-pixel boxes inside the image, area in range, width = round(height·ratio), heights spread uniformly
+    between the extremes of each ratio, offsets uniform, the whole image where nothing fits."""
+    assert augment.INCEPTION_SCALE == (0.05, 1.0) and augment.INCEPTION_RATIO == (0.75, 1.33)
+    assert inspect.signature(augment.sample_inception_boxes).parameters["attempts"].default == 100
     boxes = augment.sample_inception_boxes(4000, 40, 30, torch.Generator().manual_seed(0))
+    assert torch.equal(boxes, boxes.round())  # TF crops whole pixels
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 30 + 1e-4).all() and (boxes[:, 3] <= 40 + 1e-4).all()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 30).all() and (boxes[:, 3] <= 40).all()
     fallback = (w == 30) & (h == 40)
     area, ratio = (w * h / 1200)[~fallback], (w / h)[~fallback]
-    assert fallback.float().mean() < 0.05
-    assert area.min() >= 0.08 - 1e-5 and area.max() <= 1 + 1e-5
-    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+    assert fallback.float().mean() < 0.01  # 100 attempts: the whole image almost never
+    assert area.min() >= 0.05 and area.max() <= 1.0 and area.min() < 0.06  # 0.08 (torchvision's) would fail
+    # width = round(h · r) with r in [0.75, 1.33]: the ratio is in range up to half a pixel of rounding
+    assert (ratio >= 0.75 - 0.5 / h[~fallback]).all() and (ratio <= 1.33 + 0.5 / h[~fallback]).all()
+    assert ratio.max() > 1.25 and ratio.min() < 0.8
+    # offsets uniform integers in 0 … free − 1 (TF's Uniform(free); 0 where the box spans the image)
+    for offset, free in [(boxes[~fallback, 0], (30 - w)[~fallback]), (boxes[~fallback, 1], (40 - h)[~fallback])]:
+        last = (free - 1).clamp(min=0)
+        assert (offset <= last).all() and (offset == last).any() and (offset[free > 0] == 0).any()
+        assert abs((offset - last / 2).mean()) < 0.4
+    # height uniform between its extremes (not the area): at ratio ~1 on a 100x100 image the heights 23..100
+    # (areas 5-100 %) are equally likely, so their mean is ~61 (area-uniform crops would average ~71 px)
+    square = augment.sample_inception_boxes(20000, 100, 100, torch.Generator().manual_seed(1), ratio=(1.0, 1.0))
+    heights = square[:, 3] - square[:, 1]
+    assert heights.min() == 23  # round(sqrt(500)) = 22 is nudged up to 23 (area ≥ 500)
+    assert abs(heights.float().mean() - 61.0) < 0.6
+    # a range no box can meet: the whole image
+    impossible = augment.sample_inception_boxes(50, 40, 30, torch.Generator().manual_seed(0), scale=(0.99, 1.0),
+                                                ratio=(3.0, 4.0))
+    assert torch.equal(impossible, torch.tensor([[0.0, 0.0, 30.0, 40.0]]).expand(50, 4))
     again = augment.sample_inception_boxes(4000, 40, 30, torch.Generator().manual_seed(0))
     assert torch.equal(boxes, again)
 
@@ -456,3 +480,127 @@ def test_paper_configs_instantiate(config, tmp_path):
     assert cli.trainer.check_val_every_n_epoch == text["trainer"]["check_val_every_n_epoch"]
     assert text["data"]["augment"] == "none" and text["data"]["train_image_size"] > text["data"]["image_size"]
     assert cli.model.configure_optimizers() is not None
+
+
+# ----------------------------------------------------------------------------------- end of schedule, teacher resolution
+def _accuracy_and_loss(student, datamodule):
+    """Top-1 accuracy and mean cross-entropy of ``student`` over the test loader, computed here."""
+    datamodule.setup("test")
+    student.eval()
+    correct, loss, count = 0, 0.0, 0
+    with torch.no_grad():
+        for images, labels, _ in datamodule.test_dataloader():
+            logits = student(images).float()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            count += len(labels)
+    return correct / count, loss / count
+
+
+def _student_from_checkpoint(model, path):
+    import copy
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    student = copy.deepcopy(model.student)
+    student.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+    return student
+
+
+def test_results_report_the_end_of_the_schedule_next_to_the_best_checkpoint(teacher_file):
+    """results.json: the top level is the best-validation checkpoint (here the first epoch's, by construction),
+    ``end_of_schedule`` the weights the fit ended with; each equals an evaluation of those weights made here."""
+    import copy
+    import csv
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from distill.methods import DistillModule
+    from distill.run import finish_fit
+    from distill.teachers import load_network
+
+    torch.manual_seed(0)
+    model = make(teacher_file, "consistent", lr=0.01)
+    assert model.report_end_of_schedule and not DistillModule.report_end_of_schedule  # opt-in per method
+    data = fake_datamodule(augment="none")
+    first_epoch_is_best = ModelCheckpoint(monitor="epoch", mode="min", save_top_k=1)  # the best epoch is not the last
+    trainer = tiny_trainer("runs", max_epochs=3, callbacks=[first_epoch_is_best])
+    trainer.fit(model, datamodule=data)
+    last_val_acc = trainer.callback_metrics["val/acc"].item()
+    final = copy.deepcopy(model.student)  # the weights the fit ended with
+    best_path = first_epoch_is_best.best_model_path
+    assert best_path.endswith("epoch=0-step=3.ckpt")
+    best = _student_from_checkpoint(model, best_path)
+    final_acc, final_loss = _accuracy_and_loss(final, data)
+    best_acc, best_loss = _accuracy_and_loss(best, data)
+    assert abs(final_loss - best_loss) > 1e-3  # two different networks: exchanging them fails below
+
+    results = finish_fit(trainer, model, data)
+    assert results == load_results(results["run_dir"]) | {"config": results["config"]}
+    end = results["end_of_schedule"]
+    assert (end["epoch"], end["global_step"]) == (3, 9) == (results["epochs"], results["global_steps"])
+    assert end["val_acc"] == pytest.approx(last_val_acc)  # the last validation ran on the final weights
+    assert end["test_acc"] == pytest.approx(final_acc) and end["test"]["test/acc"] == end["test_acc"]
+    assert end["test"]["test/loss"] == pytest.approx(final_loss, rel=1e-5)
+    assert results["test_acc"] == pytest.approx(best_acc)
+    assert results["test"]["test/loss"] == pytest.approx(best_loss, rel=1e-5)
+    assert results["best_checkpoint"] == best_path and set(end["test"]) == set(results["test"])
+    # the export is the best-validation network
+    exported = load_network(results["model_file"], None, **GEOMETRY).network.state_dict()
+    for key, value in best.state_dict().items():
+        torch.testing.assert_close(exported[key], value, msg=key)
+    # metrics.csv: one row of each test, under its own names
+    with open(f"{results['run_dir']}/metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for column, expected in (("test/acc", results["test_acc"]), ("end_of_schedule/test/acc", end["test_acc"])):
+        logged = [float(row[column]) for row in rows if row.get(column)]
+        assert logged == [pytest.approx(expected)], column
+
+    # validation every second epoch of three: the last one saw epoch 2's weights, not the final ones
+    torch.manual_seed(0)
+    model = make(teacher_file, "consistent", lr=0.01)
+    trainer = tiny_trainer("runs", max_epochs=3, check_val_every_n_epoch=2)
+    trainer.fit(model, datamodule=data)
+    final_acc, final_loss = _accuracy_and_loss(copy.deepcopy(model.student), data)
+    results = finish_fit(trainer, model, data)
+    end = results["end_of_schedule"]
+    assert end["val_acc"] is None and end["epoch"] == 3 and results["best_checkpoint"].endswith("best-epoch001.ckpt")
+    assert end["test"]["test/loss"] == pytest.approx(final_loss, rel=1e-5) and end["test_acc"] == pytest.approx(final_acc)
+    assert results["test"]["test/loss"] != pytest.approx(final_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("train_image_size, warned", [(20, True), (None, True), (24, False), (32, False)])
+def test_teacher_crops_upsampled_from_small_training_images_warn_once(teacher_file, train_image_size, warned):
+    import warnings
+
+    model = make(teacher_file, "consistent", teacher_image_size=24)
+    trainer = tiny_trainer("runs", max_epochs=2, limit_train_batches=2, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=fake_datamodule(augment="none", train_image_size=train_image_size))
+    upsampled = [str(w.message) for w in caught if w.category is UserWarning and "will be upsampled" in str(w.message)]
+    assert len(upsampled) == (1 if warned else 0), upsampled  # once per fit, not per step or epoch
+    if warned:
+        assert f"from {train_image_size or 16}-px training images" in upsampled[0]
+        assert "set data.train_image_size >= 24" in upsampled[0]
+
+
+def test_end_of_schedule_test_loads_no_hpc_checkpoint_under_slurm(teacher_file, tmp_path, monkeypatch):
+    """Under SLURM Lightning's test(ckpt_path=None) would load an auto-requeue's hpc_ckpt_N.ckpt from
+    default_root_dir; the final weights are tested all the same (through a checkpoint of their own)."""
+    import copy
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from distill.run import finish_fit
+
+    torch.manual_seed(0)
+    model = make(teacher_file, "consistent", lr=0.01)
+    data = fake_datamodule(augment="none")
+    trainer = tiny_trainer("runs", max_epochs=2, check_val_every_n_epoch=2)
+    trainer.fit(model, datamodule=data)
+    _, final_loss = _accuracy_and_loss(copy.deepcopy(model.student), data)
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"an earlier segment's weights")  # unreadable if loaded
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    results = finish_fit(trainer, model, data)
+    assert results["end_of_schedule"]["test"]["test/loss"] == pytest.approx(final_loss, rel=1e-5)
+    assert not list(tmp_path.rglob("end_of_schedule.ckpt"))  # the temporary checkpoint is gone

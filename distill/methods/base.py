@@ -80,6 +80,11 @@ class DistillModule(L.LightningModule):
         lr_scheduler_interval: ``"epoch"`` or ``"step"``.
     """
 
+    #: Whether :func:`distill.run.finish_fit` also tests the weights the fit ended with and records them
+    #: as ``results["end_of_schedule"]``, next to the best-validation checkpoint's ``test_acc``; for
+    #: methods whose paper reports the student at the end of its schedule (PatientConsistentKD).
+    report_end_of_schedule: bool = False
+
     def __init__(
         self,
         student: str,
@@ -113,6 +118,9 @@ class DistillModule(L.LightningModule):
         self.batch_indices: Tensor | None = None
         #: Batches skipped for a non-finite loss (``nonfinite_loss = "skip"``), kept across resumes.
         self.skipped_nonfinite = 0
+        #: ``(epoch, global_step, val_acc)`` of this process's latest validation (not the sanity check);
+        #: finish_fit takes ``val_acc`` from it when that validation saw the weights the fit ended with.
+        self.last_validation: tuple[int, int, Tensor] | None = None
         self._configure_metrics(num_classes)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -366,7 +374,9 @@ class DistillModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        self.val_acc_best(self.val_acc.compute())
+        accuracy = self.val_acc.compute()
+        self.last_validation = (self.current_epoch, self.global_step, accuracy)
+        self.val_acc_best(accuracy)
         best = self.val_acc_best.compute()
         self.log(f"{self.log_prefix}val/acc_best", best, sync_dist=True)
         self.log("hp_metric", best, sync_dist=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from distill import augment, teacher_cache
+from distill.data import DistillDataModule
 from distill.errors import ConfigError
 from distill.losses import kd_loss
 from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
@@ -90,7 +92,8 @@ class PatientConsistentKD(DistillModule):
 
     **Augmentation** happens here, on the training device, on un-augmented batches (data
     ``augment: none``, optionally ``train_image_size`` larger than ``image_size``):
-    :mod:`distill.augment` inception crops (``crop_scale`` 0.08–1, ``crop_ratio`` 3/4–4/3) + flip, and
+    :mod:`distill.augment` inception crops (big_vision's: ``crop_scale`` 0.05–1, ``crop_ratio`` 0.75–1.33, TF's
+    sampler with 100 attempts; torchvision's 0.08–1 is a different crop) + flip, and
     mixup with one ``a ~ Beta(α, α)`` per batch, ``a = max(a, 1−a)``, partner = the batch rolled by one
     (α = ``mixup_alpha`` = 1, the official ``mixup=dict(p=1.0)``). The student sees ``image_size``
     crops; the teacher the same crops at ``teacher_image_size`` (T384 → S224 in the paper), cropped
@@ -107,6 +110,13 @@ class PatientConsistentKD(DistillModule):
     parameter group after any ``LRScaling``, so scaling the rate leaves the decay alone). Norm scales
     and biases get no decay. Giving ``optimizer`` replaces this recipe by the base class's.
 
+    **Reporting.** The paper reports the student at the end of the schedule; ``report_end_of_schedule``
+    makes :func:`distill.run.finish_fit` test the weights the fit ended with (before it loads the
+    best-validation checkpoint) and add them to ``results.json`` as ``end_of_schedule`` (``epoch``,
+    ``global_step``, ``val_acc``, ``test_acc``, ``test``; logged as ``end_of_schedule/test/...``). The
+    top-level ``best_val_acc``, ``test_acc`` and ``test``, and ``model.safetensors``, stay those of the
+    best-validation checkpoint.
+
     **Teachers.** ``teacher`` may be a list of files (with ``teacher_model`` one name or a list):
     their logits are averaged. They share ``teacher_image_size``. Validation metrics (agreement, KL)
     show the teacher the evaluation images resized to ``teacher_image_size``.
@@ -114,7 +124,9 @@ class PatientConsistentKD(DistillModule):
     Args:
         teaching: fixed, independent, consistent or function_matching.
         temperature: τ (official configs: 1 for ImageNet; 1–10 on the small data sets).
-        teacher_image_size: the teacher's input side; null = the student's (``image_size``).
+        teacher_image_size: the teacher's input side; null = the student's (``image_size``). Training
+            images smaller than it (data ``train_image_size``, else ``image_size``) get a ``UserWarning``
+            at setup: the teacher's crops are then upsampled.
         crop_scale: area range of the inception crop, fraction of the image.
         crop_ratio: aspect-ratio range of the inception crop.
         flip: random horizontal flips (off for digits).
@@ -130,6 +142,8 @@ class PatientConsistentKD(DistillModule):
         grad_clip_norm: global gradient-norm clip; 0 disables.
         log_images: log what teacher and student saw in the first training batch to TensorBoard.
     """
+
+    report_end_of_schedule = True  # Beyer et al. report the end of the schedule (see Reporting)
 
     def __init__(
         self,
@@ -271,6 +285,29 @@ class PatientConsistentKD(DistillModule):
         experiment.add_image("inputs/student", grid(views.student), self.global_step)
         if views.teacher is not None:
             experiment.add_image("inputs/teacher", grid(views.teacher), self.global_step)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self._warn_if_teacher_crops_upsampled()
+
+    def _warn_if_teacher_crops_upsampled(self) -> None:
+        """One ``UserWarning`` per fit when the teacher's crops are cut from training images smaller than
+        ``teacher_image_size``: a choice one may make (a pretrained teacher on upsampled images), not an error."""
+        size = self.hparams.teacher_image_size
+        data = getattr(self.trainer, "datamodule", None)
+        if not size or not isinstance(data, DistillDataModule) or self.trainer.global_rank != 0:
+            return
+        if self.teaching == "fixed" and self.hparams.fixed_view == "central_crop":
+            return  # the evaluation view at image_size, whatever train_image_size is: nothing to set
+        source = data.train_image_size or data.image_size
+        if source < size:
+            given = (f"data.train_image_size={data.train_image_size}" if data.train_image_size
+                     else f"data.train_image_size unset, so data.image_size={data.image_size}")
+            warnings.warn(f"PatientConsistentKD: the teacher's {size}-px crops (teacher_image_size) will be upsampled "
+                          f"from {source}-px training images ({given}); to cut them from images at least as large "
+                          f"as the teacher's input, as the paper does, set data.train_image_size >= {size}.",
+                          UserWarning, stacklevel=2)
 
     def check_training_data(self, augment: str) -> None:
         # a second augmentation in the loaders would crop the crops: fail before training starts
