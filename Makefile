@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: venv
-	$(PY) -m distill.demo
+	$(PY) -m distill.tools.demo
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -243,10 +243,10 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
 
 
 #: Subcommands that are not LightningCLI's: ``distill <name> ...`` calls ``<module>.main(argv)``.
-TOOLS = {"report": "distill.report", "sweep": "distill.sweep", "choose-assistant": "distill.choose_assistant",
-         "repro": "distill.repro",
-         "bench": "distill.bench",
-         "residual-budget": "distill.residual_budget", "robustness": "distill.robustness"}
+TOOLS = {"report": "distill.tools.report", "sweep": "distill.tools.sweep", "choose-assistant": "distill.tools.choose_assistant",
+         "repro": "distill.tools.repro",
+         "bench": "distill.tools.bench",
+         "residual-budget": "distill.tools.residual_budget", "robustness": "distill.tools.robustness"}
 
 
 def entry_point() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.bench import REQUIRED_KEYS, main
+from distill.tools.bench import REQUIRED_KEYS, main
 from distill.data import DistillDataModule
 from distill.data.resident import BatchAugment
 from distill.errors import ConfigError
@@ -26,7 +26,7 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
     main([*QUICK, "--no-isolate", "--json", str(out)])
     overhead, *records = json.loads(out.read_text())
     assert overhead["kind"] == "overhead" and isinstance(overhead["overhead_ms_per_step"], float)
-    from distill.bench import METHODS
+    from distill.tools.bench import METHODS
 
     assert [r["method"] for r in records] == list(METHODS)
     assert {"BaselineKD+cache", "TeacherAssistantKD/ta1", "TeacherAssistantKD/student", "ResidualKD/student",
@@ -44,7 +44,7 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
 
 
 def test_a_failing_step_row_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
-    import distill.bench as bench
+    import distill.tools.bench as bench
     from distill.errors import NonFiniteLossError
 
     measure = bench.measure_step
@@ -201,7 +201,7 @@ def test_epoch_checkpoint_is_a_model_checkpoint_under_its_key_and_still_saves_by
     for options in (dict(monitor="val/acc", mode="max", save_last=True), dict(monitor=None, save_top_k=1),
                     dict(every_n_train_steps=2, save_top_k=-1)):
         assert EpochCheckpoint(**options).state_key == ModelCheckpoint(**options).state_key
-    from distill.bench import _EmptyStep
+    from distill.tools.bench import _EmptyStep
 
     steps = EpochCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=2, save_top_k=-1, filename="{step}")
     loader = torch.utils.data.DataLoader([(torch.ones(2),)] * 3, batch_size=None)
@@ -229,7 +229,7 @@ def test_each_rows_bound_computes_the_methods_loss(tmp_path):
     the Trainer.)"""
     from pathlib import Path
 
-    from distill.bench import METHODS, PAIRS, BenchContext, make_batches, patient_bound
+    from distill.tools.bench import METHODS, PAIRS, BenchContext, make_batches, patient_bound
     from distill.methods import PatientConsistentKD
 
     pair = PAIRS["tiny_mlp"]
@@ -254,7 +254,7 @@ def test_each_rows_bound_computes_the_methods_loss(tmp_path):
 def test_bound_steps_the_methods_own_optimiser_and_schedule(tmp_path):
     from pathlib import Path
 
-    from distill.bench import METHODS, PAIRS, BenchContext, Interleave, PlainStep, _Cycle, _quiet_trainer, make_batches
+    from distill.tools.bench import METHODS, PAIRS, BenchContext, Interleave, PlainStep, _Cycle, _quiet_trainer, make_batches
 
     pair, device = PAIRS["tiny_mlp"], torch.device("cpu")
     batches = make_batches(pair, 8, 2, device)
@@ -279,7 +279,7 @@ def test_lightning_floor_runs_the_bound_on_the_methods_networks_optimiser_and_cl
 
     from lightning.pytorch.callbacks import Callback
 
-    from distill.bench import METHODS, PAIRS, BenchContext, LightningFloor, _Cycle, _quiet_trainer, make_batches
+    from distill.tools.bench import METHODS, PAIRS, BenchContext, LightningFloor, _Cycle, _quiet_trainer, make_batches
 
     pair, device = PAIRS["tiny_mlp"], torch.device("cpu")
     batches = make_batches(pair, 8, 2, device)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill.choose_assistant import main, rank_assistants
+from distill.tools.choose_assistant import main, rank_assistants
 from distill.errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 """`make demo` end to end, shortened to one epoch per run."""
 
-from distill import demo
+from distill.tools import demo
 
 
 def test_demo_prints_table_and_tensorboard_command(capsys):

@@ -20,7 +20,7 @@ from conftest import REPO, fake_datamodule, tiny_trainer, write_teacher
 from distill.cli import main
 from distill.errors import CheckpointError, NonFiniteLossError
 from distill.methods import Supervised
-from distill.reliability import killtest
+from distill.tools import killtest
 from distill.reliability.checkpoints import write_atomic
 from distill.teachers import safe_torch_load
 
@@ -53,7 +53,7 @@ def test_kill_and_resume_small(tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_every_method(tmp_path):
-    """The full harness: `python -m distill.reliability.killtest` (TAKD killed mid-stage-2 as well)."""
+    """The full harness: `python -m distill.tools.killtest` (TAKD killed mid-stage-2 as well)."""
     assert killtest.main(["--workdir", str(tmp_path / "killtest"), "--kills", "4"]) == 0
 
 

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from distill import report
+from distill.tools import report
 from distill.data import DistillDataModule
 from distill.errors import DistillError
 from distill.methods import BaselineKD, Supervised

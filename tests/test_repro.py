@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from distill import repro
-from distill.class_bias import choose_bias, shifted_predictions
+from distill.tools import repro
+from distill.tools.class_bias import choose_bias, shifted_predictions
 from distill.errors import ConfigError
 
 CONFIG = """

@@ -18,9 +18,9 @@ from distill.cli import main as distill_main
 from distill.errors import ConfigError
 from distill.methods import BaselineKD, ResidualKD
 from distill.models import create_model
-from distill.residual_budget import derive_pair, pair_cost
-from distill.residual_budget import main as budget_main
-from distill.robustness import fgsm, pgd, robust_accuracy
+from distill.models.budget import derive_pair, pair_cost
+from distill.tools.residual_budget import main as budget_main
+from distill.tools.robustness import fgsm, pgd, robust_accuracy
 from distill.run import finish_fit
 from distill.teachers import load_network
 
@@ -379,7 +379,7 @@ def test_cli_fit_then_budget_and_robustness_of_the_export(tmp_path, teacher_file
 
     out = tmp_path / "robust.json"
     capsys.readouterr()
-    from distill.robustness import main as robustness_main
+    from distill.tools.robustness import main as robustness_main
     report = robustness_main(["--model", results["model_file"], "--dataset", "fake", "--image-size", "16",
                               "--data-kwargs", '{"fake_sizes": [96, 48, 48]}', "--eps", "0", "0.1",
                               "--pgd-steps", "2", "--limit", "20", "--out", str(out)])

@@ -14,7 +14,7 @@ import yaml
 optuna = pytest.importorskip("optuna")
 
 from conftest import REPO, fake_datamodule, tiny_trainer, write_teacher  # noqa: E402
-from distill import sweep  # noqa: E402
+from distill.tools import sweep  # noqa: E402
 from distill.errors import ConfigError  # noqa: E402
 from distill.methods import Supervised  # noqa: E402
 
@@ -89,7 +89,7 @@ def test_tiny_study_runs_resumes_and_reports_the_best_trial(kd_flags, capsys):
         ["study.db", "trial_0", "trial_1", "trial_3"]
 
     # The trials are ordinary runs for `distill report`: one row per trial configuration.
-    from distill.report import load_runs, summary_table
+    from distill.tools.report import load_runs, summary_table
     runs = load_runs(f"runs/sweeps/{STUDY}")
     assert sorted(Path(r["dir"]).parent.name for r in runs) == ["trial_0", "trial_1", "trial_3"]
     assert summary_table(runs).count("BaselineKD") == 3
@@ -129,7 +129,7 @@ def test_pruned_sweep_adds_the_callback_to_each_trial(kd_flags):
     run_sweep(1, kd_flags, "--prune")
     trial = load_study().trials[0]
     config = yaml.safe_load((Path(trial.user_attrs["run_dir"]) / "config.yaml").read_text())
-    assert any(c["class_path"] == "distill.sweep.OptunaPruning" for c in config["trainer"]["callbacks"])
+    assert any(c["class_path"] == "distill.tools.sweep.OptunaPruning" for c in config["trainer"]["callbacks"])
     assert len(trial.intermediate_values) == 1  # val/acc of its one epoch
 
 

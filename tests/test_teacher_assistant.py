@@ -151,7 +151,7 @@ def test_two_stage_path_under_ddp(tmp_path):
 
 
 def test_report_follows_the_whole_path(tmp_path, mlp_teacher):
-    from distill.report import load_runs, read_metric, summary_table
+    from distill.tools.report import load_runs, read_metric, summary_table
 
     model = path_module(mlp_teacher, stage_epochs=(2, 1))
     trainer = tiny_trainer(tmp_path, max_epochs=3)

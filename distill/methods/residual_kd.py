@@ -18,7 +18,7 @@ from distill.errors import ConfigError
 from distill.methods.base import OptimizerFactory, SchedulerFactory
 from distill.methods.staged import StagedModule
 from distill.models.residual import Connector, ResidualPair, connector
-from distill.residual_budget import PairCost, derive_pair, pair_cost
+from distill.models.budget import PairCost, derive_pair, pair_cost
 from distill.teachers import NetworkSpec
 
 SCHEMES = ("m1", "m2", "m3")
@@ -109,7 +109,7 @@ class ResidualKD(StagedModule):
     **S and A.** With ``assistant: null`` (default) both are derived from the given network
     ``student`` (+ ``student_kwargs``) by width so that FLOPs(S+A), connectors and classifier included,
     stay within FLOPs(``student``) and FLOPs(A) ≈ ``assistant_ratio`` · FLOPs(S) (see
-    :mod:`distill.residual_budget`). With ``assistant`` given, ``student``/``student_kwargs`` and
+    :mod:`distill.models.budget`). With ``assistant`` given, ``student``/``student_kwargs`` and
     ``assistant``/``assistant_kwargs`` are S and A as they are (no budget).
 
     **Stages and selection.** Each stage gets a fresh optimiser and schedule from the recipe and keeps

@@ -8,7 +8,7 @@
   draws the same augmentation and dropout as an uninterrupted one, continues a run stopped mid-epoch
   at the batch where it stopped, and turns SIGTERM/SIGUSR1 into "save ``last.ckpt`` and stop"
   (:class:`Preempted`).
-* ``python -m distill.reliability.killtest`` kills real ``distill fit`` runs and checks that the
+* ``python -m distill.tools.killtest`` kills real ``distill fit`` runs and checks that the
   resumed results equal an uninterrupted run's.
 """
 

@@ -54,7 +54,7 @@ from typing import Any
 import yaml
 
 from distill.errors import ConfigError
-from distill.report import (
+from distill.tools.report import (
     format_stat,
     load_runs,
     markdown_table,
@@ -352,7 +352,7 @@ def _sweep(analysis: Mapping[str, Any], runs: Mapping[str, list[dict]], out: Pat
 
 def _class_bias(analysis: Mapping[str, Any], runs: Mapping[str, list[dict]], out: Path) -> list[str]:
     """Hinton §3: a student that never saw class c in its transfer set, with and without a bias on c."""
-    from distill.class_bias import bias_correction
+    from distill.tools.class_bias import bias_correction
 
     class_index = int(analysis.get("class_index", 3))
     grid = analysis.get("grid", [0.25 * i for i in range(41)])

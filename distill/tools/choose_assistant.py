@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distill.errors import ConfigError
-from distill.report import _figure, _save, load_runs
+from distill.tools.report import _figure, _save, load_runs
 
 
 def mean_accuracy_by_model(paths: Sequence[str]) -> dict[str, float]:

@@ -537,7 +537,7 @@ def _paired_ratio(timer: Interleave) -> float:
 
 def measure_step_isolated(spec: StepSpec) -> dict[str, Any]:
     """:func:`measure_step` in a fresh Python process: a clean peak memory and no state from other rows."""
-    command = [sys.executable, "-m", "distill.bench", "--worker", json.dumps(asdict(spec))]
+    command = [sys.executable, "-m", "distill.tools.bench", "--worker", json.dumps(asdict(spec))]
     done = subprocess.run(command, capture_output=True, text=True, env=child_environment(default_threads=None))
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker for {spec.method} failed:\n{done.stderr[-3000:]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distill.cli import main as distill_main
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "mnist5k"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "mnist5k"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 

@@ -15,12 +15,11 @@ Costs are FLOPs of one forward pass at the data's image size, counted by ``torch
 FlopCounterMode`` (2 FLOPs per multiply-add of convolutions and matrix products; BatchNorm, ReLU,
 pooling, additions are not counted, for either side of the comparison), for a batch of one image.
 
-    distill residual-budget resnet8x4 --teacher-model resnet32x4 --num-classes 100 --image-size 32
+``distill residual-budget`` (:mod:`distill.tools.residual_budget`) prints the split for any network.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -90,7 +89,7 @@ def pair_cost(pair: ResidualPair, given: nn.Module | None, in_channels: int, ima
     return PairCost(rows)
 
 
-def _build(name: str, kwargs: dict[str, Any], **common: Any) -> nn.Module:
+def build_network(name: str, kwargs: dict[str, Any], **common: Any) -> nn.Module:
     return create_model(name, **common, **kwargs).eval()
 
 
@@ -103,8 +102,8 @@ def _shell(name: str, kwargs: dict[str, Any], **common: Any) -> nn.Module:
     return network.to_empty(device="cpu").eval()
 
 
-def _pair(pair_kwargs: dict[str, Any], **common: Any) -> ResidualPair:
-    return _build("residual_pair", pair_kwargs, **common)  # type: ignore[return-value]
+def build_pair(pair_kwargs: dict[str, Any], **common: Any) -> ResidualPair:
+    return build_network("residual_pair", pair_kwargs, **common)  # type: ignore[return-value]
 
 
 def pair_kwargs(model: str, model_kwargs: dict[str, Any] | None, student_width: float, assistant_width: float,
@@ -206,40 +205,6 @@ def _search(
     return pair_kwargs(model, model_kwargs, student / WIDTH_STEPS, assistant / WIDTH_STEPS, target_shape)
 
 
-# ------------------------------------------------------------------------------------------ command
-def main(argv: list[str] | None = None) -> PairCost:
-    parser = argparse.ArgumentParser(
-        prog="distill residual-budget",
-        description="Derive ResidualKD's student S and assistant A from MODEL (by width) and print params and "
-                    "FLOPs of S, A, S+A and MODEL.")
-    parser.add_argument("model", help="the given model's zoo name, e.g. resnet8x4, wrn_16_2, tv.resnet18")
-    parser.add_argument("--teacher-model", default=None,
-                        help="the teacher's zoo name, for its final feature shape (default: MODEL's own)")
-    parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--in-channels", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--assistant-ratio", type=float, default=0.1, help="FLOPs of A / FLOPs of S (default 0.1)")
-    parser.add_argument("--model-kwargs", type=json.loads, default={}, help='options of MODEL as JSON, e.g. \'{"width": 2}\'')
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    common = dict(num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.image_size)
-    teacher = _build(args.teacher_model or args.model, {} if args.teacher_model else args.model_kwargs, **common)
-    target = feature_shape(teacher, args.in_channels, args.image_size)
-    kwargs = derive_pair(args.model, args.model_kwargs, target, assistant_ratio=args.assistant_ratio, **common)
-    pair = _pair(kwargs, **common)
-    cost = pair_cost(pair, _build(args.model, args.model_kwargs, **common), args.in_channels, args.image_size)
-    if args.json:
-        print(json.dumps({"pair": kwargs, "cost": cost.rows, "within_budget": cost.within_budget()}, indent=2))
-    else:
-        print(f"S = {args.model} × {kwargs['student_kwargs']['width']}, A = {args.model} × "
-              f"{kwargs['assistant_kwargs']['width']}, teacher feature {list(target)}, image {args.image_size} px\n")
-        print(cost.table())
-        print(f"\nS+A within the budget of {args.model}: {'yes' if cost.within_budget() else 'NO'}")
-    return cost
+__all__ = ["build_network", "build_pair", "count_flops", "count_params", "derive_pair", "pair_cost", "pair_kwargs",
+           "PairCost"]
 
-
-__all__ = ["count_flops", "count_params", "derive_pair", "pair_cost", "pair_kwargs", "PairCost"]
-
-
-if __name__ == "__main__":
-    main()

@@ -140,7 +140,7 @@ _ACTIVE_TRIAL: Any = None
 class OptunaPruning(Callback):
     """Reports ``monitor`` to the active Optuna trial after each validation epoch and stops a bad trial.
 
-    The sweep adds it as ``--trainer.callbacks+=distill.sweep.OptunaPruning``, so it appears in the
+    The sweep adds it as ``--trainer.callbacks+=distill.tools.sweep.OptunaPruning``, so it appears in the
     trial's ``config.yaml``; outside a sweep (re-running that config, DDP worker ranks) there is no
     active trial and it only takes part in rank 0's decision. Instead of raising inside the training
     loop it sets ``trainer.should_stop``: the run then ends like any other (best checkpoint tested,
@@ -276,7 +276,7 @@ def make_objective(config_path: Path, space: dict[str, dict[str, Any]], study_na
         fit_argv = ["fit", "--config", str(config_path), *fit_extra, *overrides,
                     f"--trainer.default_root_dir={root}", f"--run_name={run_name}"]
         if prune:
-            fit_argv.append("--trainer.callbacks+=distill.sweep.OptunaPruning")
+            fit_argv.append("--trainer.callbacks+=distill.tools.sweep.OptunaPruning")
         print(f"\n[sweep {study_name}] trial {trial.number}: {' '.join(overrides)}", flush=True)
         try:
             with _trial_process_state(trial, fit_argv):

@@ -1,7 +1,7 @@
 """Kill real ``distill fit`` runs and check that resuming them changes nothing.
 
-    python -m distill.reliability.killtest                       # every method, 4 interruptions each
-    python -m distill.reliability.killtest --methods BaselineKD --kills 2 --seed 1
+    python -m distill.tools.killtest                       # every method, 4 interruptions each
+    python -m distill.tools.killtest --methods BaselineKD --kills 2 --seed 1
 
 For each method: one uninterrupted run, then the same config and seed interrupted ``--kills`` times
 and resumed with ``distill fit --resume RUN_DIR`` after each interruption, then run to the end. The
@@ -245,7 +245,7 @@ def prepare_workdir(workdir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.reliability.killtest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m distill.tools.killtest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--kills", type=int, default=4, help="interruptions per method (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
