@@ -242,9 +242,9 @@ def _end_of_schedule(trainer: L.Trainer, model: DistillModule, fit_epochs: int,
                      test_metrics: dict[str, Any] | None) -> dict[str, Any]:
     """``results["end_of_schedule"]``: where the fit ended, and the final weights' validation and test results."""
     validated = model.last_validation
-    final = validated is not None and validated[1] == trainer.global_step
+    final = validated is not None and validated[0] == trainer.global_step
     return {"epoch": fit_epochs, "global_step": trainer.global_step,
-            "val_acc": _plain(validated[2]) if final else None,
+            "val_acc": _plain(validated[1]) if final else None,
             "test_acc": (test_metrics or {}).get("test/acc"), "test": test_metrics}
 
 

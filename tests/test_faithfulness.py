@@ -364,19 +364,21 @@ def reference_mixup(images: Tensor, a: float) -> Tensor:
     return a * images + (1 - a) * images.roll(1, dims=0)
 
 
+def draw_boxes(model: PatientConsistentKD, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One draw of crop boxes and flips for the batch, as the method draws them."""
+    batch, _, height, width = images.shape
+    boxes = augment.sample_inception_boxes(batch, height, width, generator, model.hparams.crop_scale,
+                                           model.hparams.crop_ratio)
+    return boxes, augment.sample_flips(batch, generator)
+
+
 def reference_views(model: PatientConsistentKD, images: Tensor, seed: int) -> tuple[Tensor, Tensor | None, float | None]:
     """The student's and the teacher's inputs per the paper's Figure 3, from the step's random draws (replayed
     from its generator in the order the method draws them: boxes, flips, mixup, the second view's boxes, flips)."""
     hp = model.hparams
     generator = torch.Generator().manual_seed(seed)
-    batch, _, height, width = images.shape
     size, teacher_size = hp.image_size, hp.teacher_image_size or hp.image_size
-
-    def draw() -> tuple[Tensor, Tensor]:
-        boxes = augment.sample_inception_boxes(batch, height, width, generator, hp.crop_scale, hp.crop_ratio)
-        return boxes, augment.sample_flips(batch, generator)
-
-    boxes, flips = draw()
+    boxes, flips = draw_boxes(model, images, generator)
     if model.teaching == "function_matching":
         a = augment.sample_mixup(generator, hp.mixup_alpha)
         return (reference_mixup(reference_crops(images, boxes, size, flips), a),
@@ -385,7 +387,7 @@ def reference_views(model: PatientConsistentKD, images: Tensor, seed: int) -> tu
     if model.teaching == "fixed":
         return student, None, None
     if model.teaching == "independent":
-        boxes, flips = draw()
+        boxes, flips = draw_boxes(model, images, generator)
     return student, reference_crops(images, boxes, teacher_size, flips), None
 
 
@@ -454,7 +456,7 @@ def test_patient_consistent_inputs_and_loss_follow_the_paper(tmp_path, teacher_f
         if teaching != "fixed":
             assert seen["teacher"][n].shape[-1] == (teacher_size or 16)
             torch.testing.assert_close(seen["teacher"][n].double(), teacher_view, rtol=0, atol=1e-5)
-        boxes, flips = _replayed_boxes(model, record["images"], record["seed"])
+        boxes, flips = draw_boxes(model, record["images"], torch.Generator().manual_seed(record["seed"]))
         plain_crops = reference_crops(record["images"], boxes, teacher_size or 16, flips)
         if teaching == "function_matching":  # mixed, not plain crops
             assert 0.5 <= a < 1.0 and not torch.allclose(teacher_view, plain_crops, atol=1e-3)
@@ -467,14 +469,6 @@ def test_patient_consistent_inputs_and_loss_follow_the_paper(tmp_path, teacher_f
         assert not record["teacher_training"]
     assert_bit_identical(model.teacher, before, "teacher")
     assert_no_gradient(model.teacher, "teacher")
-
-
-def _replayed_boxes(model: PatientConsistentKD, images: Tensor, seed: int) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    batch, _, height, width = images.shape
-    boxes = augment.sample_inception_boxes(batch, height, width, generator, model.hparams.crop_scale,
-                                           model.hparams.crop_ratio)
-    return boxes, augment.sample_flips(batch, generator)
 
 
 def test_patient_consistent_schedule_is_big_visions_warmup_cosine(tmp_path, teacher_file):

@@ -3,22 +3,28 @@ fixed teacher's cache, and the optimisation recipe."""
 
 from __future__ import annotations
 
+import copy
+import csv
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import FAKE, REPO, fake_datamodule, tiny_trainer, write_teacher
 from distill import augment, teacher_cache
 from distill.cli import DistillCLI, main
 from distill.errors import ConfigError
-from distill.methods import PatientConsistentKD
+from distill.methods import DistillModule, PatientConsistentKD
 from distill.methods.patient import decay_groups, warmup_cosine
-from distill.run import load_results
+from distill.run import finish_fit, load_results
+from distill.teachers import load_network
 
 GEOMETRY = dict(num_classes=10, in_channels=3, image_size=16)
 
@@ -498,8 +504,6 @@ def _accuracy_and_loss(student, datamodule):
 
 
 def _student_from_checkpoint(model, path):
-    import copy
-
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     student = copy.deepcopy(model.student)
     student.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
@@ -509,15 +513,6 @@ def _student_from_checkpoint(model, path):
 def test_results_report_the_end_of_the_schedule_next_to_the_best_checkpoint(teacher_file):
     """results.json: the top level is the best-validation checkpoint (here the first epoch's, by construction),
     ``end_of_schedule`` the weights the fit ended with; each equals an evaluation of those weights made here."""
-    import copy
-    import csv
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from distill.methods import DistillModule
-    from distill.run import finish_fit
-    from distill.teachers import load_network
-
     torch.manual_seed(0)
     model = make(teacher_file, "consistent", lr=0.01)
     assert model.report_end_of_schedule and not DistillModule.report_end_of_schedule  # opt-in per method
@@ -570,8 +565,6 @@ def test_results_report_the_end_of_the_schedule_next_to_the_best_checkpoint(teac
 
 @pytest.mark.parametrize("train_image_size, warned", [(20, True), (None, True), (24, False), (32, False)])
 def test_teacher_crops_upsampled_from_small_training_images_warn_once(teacher_file, train_image_size, warned):
-    import warnings
-
     model = make(teacher_file, "consistent", teacher_image_size=24)
     trainer = tiny_trainer("runs", max_epochs=2, limit_train_batches=2, limit_val_batches=0)
     with warnings.catch_warnings(record=True) as caught:
@@ -587,12 +580,6 @@ def test_teacher_crops_upsampled_from_small_training_images_warn_once(teacher_fi
 def test_end_of_schedule_test_loads_no_hpc_checkpoint_under_slurm(teacher_file, tmp_path, monkeypatch):
     """Under SLURM Lightning's test(ckpt_path=None) would load an auto-requeue's hpc_ckpt_N.ckpt from
     default_root_dir; the final weights are tested all the same (through a checkpoint of their own)."""
-    import copy
-
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    from distill.run import finish_fit
-
     torch.manual_seed(0)
     model = make(teacher_file, "consistent", lr=0.01)
     data = fake_datamodule(augment="none")

@@ -16,6 +16,7 @@ from distill.data.splits import SUBSET_STREAM, VAL_STREAM, EpochShuffle, Indexed
 from distill.data.transforms import PRESETS, Geometry, NormalizeBatch, eval_transform, train_transform
 from distill.data.tvsets import TorchvisionSource
 from distill.errors import ConfigError
+from distill.lightning_private import set_initial_hparams
 
 SPLITS = ("train", "val", "test")
 
@@ -179,7 +180,7 @@ class DistillDataModule(L.LightningDataModule):
         # links, and Lightning refuses to log module and data hparams that disagree.
         resolved = dict(num_classes=self.num_classes, in_channels=self.in_channels, image_size=self.image_size)
         self.hparams.update(resolved)
-        self._hparams_initial.update(resolved)  # what the loggers read
+        set_initial_hparams(self, resolved)  # what the loggers read
 
     # -- what the model needs to know, available before any data is loaded ---------------------
 

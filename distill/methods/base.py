@@ -17,7 +17,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import _BLOCKING_DEVICE_TYPES
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -25,6 +24,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import CheckpointError, ConfigError, NonFiniteLossError
+from distill.lightning_private import HOOK_NAME_ATTRIBUTE, blocking_device_types, set_initial_hparams, writes_step_logs
 from distill.losses import soft_target_kl, top1_agreement
 from distill.reliability import RunGuard
 from distill.scaling import scale_learning_rates
@@ -49,7 +49,7 @@ warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_
 #: Attributes set around every hook call (Lightning's ``_current_fx_name``, about 40 times a training
 #: step) or on every step by the methods; none is ever a parameter, buffer or submodule, so they skip
 #: ``nn.Module.__setattr__``'s registry checks (~1.7 µs a call on a CPU).
-_PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "batch_indices", "_batch_idx"})
+_PLAIN_ATTRIBUTES = frozenset({HOOK_NAME_ATTRIBUTE, "batch_indices", "_batch_idx"})
 
 
 def _presign_training_step(cls: type) -> None:
@@ -105,7 +105,7 @@ class DistillModule(L.LightningModule):
         self.remove_ignored_hparams([k for k, v in self.hparams.items() if callable(v)])
         # The method's name for TensorBoard's hparams view (loggers read the initial hparams), so runs
         # can be filtered by method; not in `hparams`, which go back into __init__ when a checkpoint loads.
-        self._hparams_initial["method"] = type(self).__name__
+        set_initial_hparams(self, {"method": type(self).__name__})
         self.student_spec = NetworkSpec(student, num_classes, in_channels, image_size, dict(student_kwargs or {}))
         self.student = self.student_spec.build()
         self.optimizer_factory = optimizer
@@ -118,9 +118,9 @@ class DistillModule(L.LightningModule):
         self.batch_indices: Tensor | None = None
         #: Batches skipped for a non-finite loss (``nonfinite_loss = "skip"``), kept across resumes.
         self.skipped_nonfinite = 0
-        #: ``(epoch, global_step, val_acc)`` of this process's latest validation (not the sanity check);
+        #: ``(global_step, val_acc)`` of this process's latest validation (not the sanity check);
         #: finish_fit takes ``val_acc`` from it when that validation saw the weights the fit ended with.
-        self.last_validation: tuple[int, int, Tensor] | None = None
+        self.last_validation: tuple[int, Tensor] | None = None
         self._configure_metrics(num_classes)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -251,7 +251,7 @@ class DistillModule(L.LightningModule):
         # The loaders' batch, a tuple or list of tensors, is moved as Lightning moves it, without its
         # generic walk over collections (~20 µs a step on a CPU); anything else goes that way.
         if type(batch) in (tuple, list) and all(type(item) is Tensor for item in batch):
-            non_blocking = isinstance(device, torch.device) and device.type not in _BLOCKING_DEVICE_TYPES
+            non_blocking = isinstance(device, torch.device) and device.type not in blocking_device_types()
             return type(batch)(item.to(device, non_blocking=True) if non_blocking else item.to(device)
                                for item in batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
@@ -301,8 +301,7 @@ class DistillModule(L.LightningModule):
         """Whether the loggers write step values after this training step (Lightning's own test)."""
         if self._trainer is None:
             return True
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        return writes_step_logs(self.trainer)
 
     def log_train_epoch_metrics(self) -> None:
         """Logs the epoch means of the loss parts (``train/<part>_epoch``) and the accuracy (``train/acc``).
@@ -375,7 +374,7 @@ class DistillModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         accuracy = self.val_acc.compute()
-        self.last_validation = (self.current_epoch, self.global_step, accuracy)
+        self.last_validation = (self.global_step, accuracy)
         self.val_acc_best(accuracy)
         best = self.val_acc_best.compute()
         self.log(f"{self.log_prefix}val/acc_best", best, sync_dist=True)

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 from distill.errors import ConfigError
+from distill.lightning_private import rewrap_ddp
 from distill.methods.base import DistillModule, EpochCheckpoint
 
 
@@ -80,8 +81,7 @@ class StagedModule(DistillModule):
         strategy.setup_optimizers(self.trainer)
         if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
             # DDP fixes the set of parameters it synchronises when it wraps the module: wrap again.
-            strategy.model = strategy._setup_model(strategy.lightning_module)
-            strategy._register_ddp_hooks()
+            rewrap_ddp(strategy)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from distill.teachers import safe_torch_load
@@ -59,11 +58,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     so a kill during that write leaves a truncated file where the last good checkpoint was.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         write_atomic(checkpoint, path)
 
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         return safe_torch_load(Path(path), map_location=map_location)

@@ -17,6 +17,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from distill.lightning_private import cluster_environment, training_loaders
 from distill.reliability.checkpoints import AtomicCheckpointIO
 
 # RunGuard continues a run stopped mid-epoch at the right batch (see _continue_epoch), which is
@@ -31,7 +32,7 @@ def preemption_signals(trainer: L.Trainer) -> tuple[int, ...]:
     auto-requeue owns it. None outside the main thread (Python handles signals only there)."""
     if threading.current_thread() is not threading.main_thread():
         return ()
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = cluster_environment(trainer)
     lightning_requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
     return tuple(s for s in PREEMPTION_SIGNALS if not (s == signal.SIGUSR1 and lightning_requeues))
 
@@ -153,7 +154,7 @@ class RunGuard(Callback):
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if not 0 < done < trainer.num_training_batches:
             return
-        for loader in trainer.fit_loop._combined_loader.flattened:
+        for loader in training_loaders(trainer):
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "skip_next"):
                 sampler.skip_next(done * loader.batch_size)

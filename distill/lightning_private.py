@@ -1,0 +1,60 @@
+"""Every use of Lightning's private API in the library, in one place, each with a test
+(``tests/test_lightning_private.py``), so that a Lightning upgrade that moves one breaks a named test
+here instead of a run.
+
+Each function says what it needs the private attribute for and what public API is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.fabric.utilities.apply_func import _BLOCKING_DEVICE_TYPES
+from lightning.pytorch.strategies import DDPStrategy
+
+#: The attribute Lightning sets on a LightningModule around every hook call (about 40 times a training
+#: step); DistillModule stores it without ``nn.Module.__setattr__``'s registry checks.
+HOOK_NAME_ATTRIBUTE = "_current_fx_name"
+
+
+def blocking_device_types() -> tuple[str, ...]:
+    """Device types to which a copy with ``non_blocking=True`` is not asynchronous (Lightning's list, which
+    its own batch transfer uses)."""
+    return tuple(_BLOCKING_DEVICE_TYPES)
+
+
+def writes_step_logs(trainer: L.Trainer) -> bool:
+    """Whether the loggers write step values after the current training step (``log_every_n_steps``),
+    Lightning's own test, which it exposes on no public object."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))
+
+
+def set_initial_hparams(module: L.LightningModule | L.LightningDataModule, values: dict[str, Any]) -> None:
+    """Adds ``values`` to what the loggers record as the hyperparameters (``hparams_initial``, read-only in
+    the public API) without putting them into ``hparams``, which go back into ``__init__`` on load."""
+    module._hparams_initial.update(values)
+
+
+def rewrap_ddp(strategy: DDPStrategy) -> None:
+    """Wraps the strategy's LightningModule in a new ``DistributedDataParallel``: DDP fixes the parameters it
+    synchronises when it wraps, and a staged method changes them between stages."""
+    strategy.model = strategy._setup_model(strategy.lightning_module)
+    strategy._register_ddp_hooks()
+
+
+def cluster_environment(trainer: L.Trainer) -> ClusterEnvironment:
+    """The cluster environment the Trainer detected (SLURM, torchrun, ...); public on the strategy only once
+    it is set up, and needed before that."""
+    return trainer._accelerator_connector.cluster_environment
+
+
+def training_loaders(trainer: L.Trainer) -> list[Any]:
+    """The training dataloaders of the running fit, as the fit loop iterates them."""
+    return list(trainer.fit_loop._combined_loader.flattened)
+
+
+__all__ = ["HOOK_NAME_ATTRIBUTE", "blocking_device_types", "writes_step_logs", "set_initial_hparams", "rewrap_ddp",
+           "cluster_environment", "training_loaders"]

@@ -1,0 +1,88 @@
+"""distill.lightning_private: each use of Lightning's private API still does what the library relies on."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
+
+from conftest import fake_datamodule, tiny_trainer
+from distill import lightning_private as private
+from distill.methods import Supervised
+
+DATA = dict(num_classes=10, in_channels=3, image_size=16)
+
+
+def test_blocking_device_types_are_lightnings():
+    assert "cpu" in private.blocking_device_types() and "cuda" not in private.blocking_device_types()
+
+
+def test_hook_name_attribute_is_what_lightning_sets_around_hooks(tmp_path):
+    seen = []
+
+    class Recorder(Supervised):
+        def training_step(self, batch, batch_idx):
+            seen.append(getattr(self, private.HOOK_NAME_ATTRIBUTE, None))
+            return super().training_step(batch, batch_idx)
+
+    model = Recorder(student="mlp_30_30", **DATA)
+    tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(
+        model, datamodule=fake_datamodule())
+    assert seen == ["training_step"]
+    assert private.HOOK_NAME_ATTRIBUTE in model.__dict__  # stored as a plain attribute (DistillModule.__setattr__)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_writes_step_logs_matches_the_steps_the_loggers_write(tmp_path, every):
+    decisions = []
+
+    class Recorder(Supervised):
+        def training_step(self, batch, batch_idx):
+            decisions.append(private.writes_step_logs(self.trainer))
+            return super().training_step(batch, batch_idx)
+
+    model = Recorder(student="mlp_30_30", **DATA)
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0, log_every_n_steps=every)
+    trainer.fit(model, datamodule=fake_datamodule())
+    assert decisions == [(step + 1) % every == 0 for step in range(6)]  # 3 batches an epoch, 2 epochs
+    logged = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    step_rows = [line for line in logged[1:] if line.split(",")[logged[0].split(",").index("train/loss_step")]]
+    assert len(step_rows) == sum(decisions)
+
+
+def test_set_initial_hparams_reaches_the_loggers_not_init(tmp_path):
+    model = Supervised(student="mlp_30_30", **DATA)
+    private.set_initial_hparams(model, {"note": "x"})
+    assert model.hparams_initial["note"] == "x" and "note" not in model.hparams
+    tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(
+        model, datamodule=fake_datamodule())
+    assert "note: x" in (tmp_path / "run" / "version_0" / "hparams.yaml").read_text()
+
+
+def test_rewrap_ddp_uses_methods_the_ddp_strategy_has():
+    # the two-process TeacherAssistantKD test (test_two_stage_path_under_ddp) exercises the rewrap itself
+    assert callable(DDPStrategy._setup_model) and callable(DDPStrategy._register_ddp_hooks)
+
+
+def test_cluster_environment_is_the_detected_one(monkeypatch):
+    assert isinstance(private.cluster_environment(L.Trainer(accelerator="cpu", logger=False)), LightningEnvironment)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert isinstance(private.cluster_environment(L.Trainer(accelerator="cpu", logger=False)), SLURMEnvironment)
+
+
+def test_training_loaders_are_the_ones_the_fit_iterates(tmp_path):
+    found = []
+
+    class Recorder(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            found.append(private.training_loaders(trainer))
+
+    data = fake_datamodule()
+    tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[Recorder()]).fit(
+        Supervised(student="mlp_30_30", **DATA), datamodule=data)
+    (loaders,) = found
+    assert len(loaders) == 1 and isinstance(loaders[0], torch.utils.data.DataLoader)
+    assert len(loaders[0].dataset) == 96  # the fake training split
