@@ -29,6 +29,8 @@ from distill.reliability import Preempted, preemptible_after_training
 from distill.run import RUN_DIR_ENV, finish_fit, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load
 
+#: The first line of a config that LightningCLI wrote out (``--print_config``, a run's ``config.yaml``).
+RESOLVED_CONFIG_MARK = "# lightning.pytorch=="
 #: Lightning's special ``ckpt_path`` values, which are not files.
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
@@ -63,6 +65,12 @@ class DistillCLI(LightningCLI):
             "--run_name", type=str | None, default=None,
             help="Runs go to <trainer.default_root_dir>/<run_name>/version_N "
                  "(default: <dataset>/<method>-<student>).",
+        )
+        parser.add_argument(
+            "--recipe", type=str | None, default=None,
+            help="The data set's recipe (optimiser, schedule, data, trainer) that a config file builds on, "
+                 "named in its first line (`recipe: recipe.yaml`, relative to that file): `--config row.yaml` "
+                 "reads the recipe first, then the row, so the row's lines win.",
         )
         parser.add_argument(
             "--nonfinite_loss", type=Literal["stop", "skip"], default="stop",
@@ -161,6 +169,53 @@ class ResumeAwareSaveConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+def recipe_arguments(args: list[str]) -> list[str]:
+    """``--config row.yaml`` → ``--config RECIPE --config row.yaml --recipe RECIPE`` when the row names a recipe.
+
+    A config file that starts with ``recipe: recipe.yaml`` (a path relative to the file, or to the working
+    directory) builds on that recipe: jsonargparse reads the recipe first, the row then overrides it, and the
+    method's arguments the recipe gives (optimiser, schedule) carry over to the row's ``class_path``. The
+    resolved path goes into the saved config, so that it names the recipe it was made from.
+    """
+    import yaml
+
+    expanded: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        if arg == "--config" and position + 1 < len(args):
+            path, consumed = args[position + 1], 2
+        elif arg.startswith("--config="):
+            path, consumed = arg.split("=", 1)[1], 1
+        else:
+            expanded.append(arg)
+            position += 1
+            continue
+        named = None
+        text = Path(path).read_text() if Path(path).is_file() else ""
+        # a resolved config (what --print_config prints and every run saves) holds its recipe's values already
+        if text and not text.startswith(RESOLVED_CONFIG_MARK):
+            try:
+                content = yaml.safe_load(text)
+            except yaml.YAMLError:
+                content = None  # jsonargparse reports a malformed file in its own words
+            named = content.get("recipe") if isinstance(content, dict) else None
+        if named:
+            recipe = next((c for c in (Path(path).parent / named, Path(named)) if c.is_file()), None)
+            if recipe is None:
+                raise ConfigError(f"{path} builds on recipe {named!r}, which exists neither next to it nor "
+                                  f"under {Path.cwd()}; fix the `recipe:` line, or remove it.")
+            if expanded[-2:] != ["--config", str(recipe)]:  # not expanded already (a DDP worker's command)
+                expanded += ["--config", str(recipe)]
+            expanded += args[position:position + consumed]
+            if args[position + consumed:position + consumed + 2] != ["--recipe", str(recipe)]:
+                expanded += ["--recipe", str(recipe)]
+        else:
+            expanded += args[position:position + consumed]
+        position += consumed
+    return expanded
+
+
 def resume_arguments(args: list[str]) -> list[str]:
     """``fit --resume RUN_DIR ...`` → ``fit --config RUN_DIR/config.yaml ... --ckpt_path RUN_DIR/checkpoints/last.ckpt``.
 
@@ -210,7 +265,7 @@ def _user_error(err: BaseException | None) -> DistillError | None:
 
 
 @contextlib.contextmanager
-def _user_errors_as_exit() -> Iterator[None]:
+def user_errors_as_exit() -> Iterator[None]:
     """A user error becomes one line on stderr and exit status 2; anything else stays a traceback."""
     try:
         yield
@@ -226,11 +281,12 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
     """Entry point of the ``distill`` console script (``args`` for calls from Python and tests)."""
     owns_run_dir = RUN_DIR_ENV not in os.environ
     try:
-        with _user_errors_as_exit():
-            if args is None and "--resume" in " ".join(sys.argv[1:]):
-                args = sys.argv[1:]
-                sys.argv[1:] = []  # Lightning warns when it gets both
-            return DistillCLI(args=None if args is None else resume_arguments(list(args)))
+        with user_errors_as_exit():
+            if args is None:
+                # rewritten in place: DDP launches its worker processes with sys.argv (both rewrites are idempotent)
+                sys.argv[1:] = resume_arguments(recipe_arguments(sys.argv[1:]))
+                return DistillCLI(args=None)
+            return DistillCLI(args=resume_arguments(recipe_arguments(list(args))))
     except Preempted as stop:
         print(f"distill: {stop.message}", file=sys.stderr)
         raise SystemExit(0) from None
@@ -242,25 +298,5 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
                 Path(claimed).rmdir()
 
 
-#: Subcommands that are not LightningCLI's: ``distill <name> ...`` calls ``<module>.main(argv)``.
-TOOLS = {"report": "distill.tools.report", "sweep": "distill.tools.sweep", "choose-assistant": "distill.tools.choose_assistant",
-         "repro": "distill.tools.repro",
-         "bench": "distill.tools.bench",
-         "residual-budget": "distill.tools.residual_budget", "robustness": "distill.tools.robustness"}
-
-
-def entry_point() -> None:
-    """The console script: exit status 0, or 2 for a user error (see :func:`main`)."""
-    argv = sys.argv[1:]
-    if argv and argv[0] in TOOLS:
-        import importlib
-
-        tool = importlib.import_module(TOOLS[argv[0]])
-        with _user_errors_as_exit():
-            tool.main(argv[1:])
-        return
-    main()
-
-
 if __name__ == "__main__":
-    entry_point()
+    main()

@@ -11,18 +11,12 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import ClusterEnvironment
-from lightning.fabric.utilities.apply_func import _BLOCKING_DEVICE_TYPES
 from lightning.pytorch.strategies import DDPStrategy
 
-#: The attribute Lightning sets on a LightningModule around every hook call (about 40 times a training
-#: step); DistillModule stores it without ``nn.Module.__setattr__``'s registry checks.
-HOOK_NAME_ATTRIBUTE = "_current_fx_name"
-
-
-def blocking_device_types() -> tuple[str, ...]:
-    """Device types to which a copy with ``non_blocking=True`` is not asynchronous (Lightning's list, which
-    its own batch transfer uses)."""
-    return tuple(_BLOCKING_DEVICE_TYPES)
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer the module is attached to, or None: the public ``module.trainer`` raises when there is none
+    (a method used from Python, its losses called in a test)."""
+    return module._trainer
 
 
 def writes_step_logs(trainer: L.Trainer) -> bool:
@@ -56,5 +50,5 @@ def training_loaders(trainer: L.Trainer) -> list[Any]:
     return list(trainer.fit_loop._combined_loader.flattened)
 
 
-__all__ = ["HOOK_NAME_ATTRIBUTE", "blocking_device_types", "writes_step_logs", "set_initial_hparams", "rewrap_ddp",
+__all__ = ["attached_trainer", "writes_step_logs", "set_initial_hparams", "rewrap_ddp",
            "cluster_environment", "training_loaders"]

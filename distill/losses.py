@@ -1,4 +1,7 @@
-"""Distillation losses as pure functions of tensors (no modules, no state, no I/O).
+"""Distillation losses that several methods share, as pure functions of tensors (no modules, no state, no
+I/O): soft-target KD (:func:`kd_loss`, :func:`hinton_kd_objective`), the feature distance of ResidualKD
+(:func:`feature_mse`), the teacher–student metrics, and the one-line checks of their arguments. A loss
+only one method uses sits at the top of that method's file (DKD's ``dkd_parts``).
 
 Conventions: ``z_s``/``z_t`` are student/teacher logits of shape ``[batch, classes]``, ``τ`` the
 temperature and ``p^τ = softmax(z / τ)``. KL divergences are summed over classes and averaged over the
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
+
+from distill.errors import ConfigError
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -59,5 +64,40 @@ def hinton_kd_objective(
     return {"loss_ce": loss_ce, "loss_kd": loss_kd, "loss": (1 - alpha) * loss_ce + alpha * loss_kd}
 
 
-__all__ = ["kd_loss", "soft_target_kl", "top1_agreement", "hinton_kd_objective"]
+def feature_mse(feature: Tensor, target: Tensor) -> Tensor:
+    """The paper's squared l2 distance ``‖feature − target‖²`` (Eqs. 3–4), per position: summed over
+    channels, averaged over the spatial positions of a map and over the batch; float32 under mixed precision.
+
+    For vector features (an MLP's last hidden layer) this is exactly the per-sample ``‖·‖²``, batch mean.
+    For ``C×H×W`` maps the paper's sum over all elements is divided by ``H·W`` (our choice): the gradient
+    at each position then does not grow with the map's resolution, so one learning rate serves 7×7 and
+    32×32 maps alike. (A mean over all elements, as some FitNets code uses, also divides by C: on mnist5k S
+    then barely learnt at the recipe's learning rate.)
+    """
+    squared = (feature.float() - target.float()).pow(2)
+    if squared.dim() == 4:
+        return squared.sum(dim=1).mean()
+    return squared.flatten(1).sum(dim=1).mean()
+
+
+def mean_norm(residual: Tensor) -> Tensor:
+    """Mean over the batch of each sample's l2 norm (the size of a residual, for logging)."""
+    return residual.detach().float().flatten(1).norm(dim=1).mean()
+
+
+def validate_kd_hparams(temperature: float, alpha: float) -> None:
+    """One-line errors for the values every soft-target method shares."""
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}; the paper's values are 1–20.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha (weight of the KD term) must be in [0, 1], got {alpha}.")
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """One clear error for an ε of label smoothing outside [0, 1)."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+__all__ = ["feature_mse", "mean_norm", "validate_kd_hparams", "check_label_smoothing", "kd_loss", "soft_target_kl", "top1_agreement", "hinton_kd_objective"]
 

@@ -25,7 +25,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from distill.methods.base import DistillModule, TrainingThroughput
+from distill.callbacks import TrainingThroughput
+from distill.methods.base import DistillModule
 from distill.teachers import save_network
 
 #: Set by the process that starts a run so that DDP worker processes (which re-run the command)
@@ -177,7 +178,7 @@ def finish_fit(
     results: dict[str, Any] = {
         "method": type(model).__name__,
         "student": model.hparams.get("student"),
-        "teacher": model.teacher_info,
+        "teacher": getattr(model, "teacher_info", None),
         "best_val_acc": _plain(best_score) if best_score is not None else None,
         "test_acc": test_metrics.get("test/acc"),
         "test": test_metrics,

@@ -75,3 +75,27 @@ class StopAfter(L.Callback):
 
 
 __all__ = ["REPO", "FAKE", "fake_datamodule", "write_teacher", "tiny_trainer", "create_model", "StopAfter"]
+
+
+def training_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,
+                   batch_idx: int = 0):
+    """A method's training step input, for calling ``training_losses`` directly."""
+    from distill.methods import TrainingBatch
+
+    return TrainingBatch(images, labels, torch.arange(len(images)) if indices is None else indices, batch_idx)
+
+
+def in_training_losses(model) -> list[bool]:
+    """A one-element flag that is True while ``model.training_losses`` runs (a training step's own work)."""
+    flag = [False]
+    original = model.training_losses
+
+    def wrapped(batch):
+        flag[0] = True
+        try:
+            return original(batch)
+        finally:
+            flag[0] = False
+
+    model.training_losses = wrapped
+    return flag

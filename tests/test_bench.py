@@ -13,9 +13,9 @@ from distill.data import DistillDataModule
 from distill.data.resident import BatchAugment
 from distill.errors import ConfigError
 from distill.methods import BaselineKD
-from distill.methods.base import EpochMeans
-from distill.speed import SpeedOptions, apply_speed_options, networks_of
-from conftest import fake_datamodule, tiny_trainer
+from distill.methods.epoch_means import EpochMeans
+from distill.callbacks import SpeedOptions, apply_speed_options, networks_of
+from conftest import fake_datamodule, tiny_trainer, training_batch
 
 QUICK = ["--pairs", "tiny_mlp", "--batch-size", "8", "--repeats", "2", "--steps", "2", "--warmup", "1",
          "--no-ddp", "--scaling-batch-sizes", "--fit"]
@@ -26,11 +26,12 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
     main([*QUICK, "--no-isolate", "--json", str(out)])
     overhead, *records = json.loads(out.read_text())
     assert overhead["kind"] == "overhead" and isinstance(overhead["overhead_ms_per_step"], float)
-    from distill.tools.bench import METHODS
+    from distill.tools.bench import ROWS
 
-    assert [r["method"] for r in records] == list(METHODS)
+    assert [r["method"] for r in records] == list(ROWS)
     assert {"BaselineKD+cache", "TeacherAssistantKD/ta1", "TeacherAssistantKD/student", "ResidualKD/student",
-            "ResidualKD/assistant", "PatientConsistentKD/fixed", "PatientConsistentKD/function_matching"} <= set(METHODS)
+            "ResidualKD/assistant", "PatientConsistentKD/fixed", "PatientConsistentKD/function_matching",
+            "DKD"} <= set(ROWS)
     for record in records:
         assert set(REQUIRED_KEYS) <= set(record)
         assert record["images_per_s"] > 0 and record["bound_images_per_s"] > 0 and record["ratio"] > 0
@@ -40,7 +41,38 @@ def test_harness_writes_every_method_row_with_the_required_keys(tmp_path, capsys
     assert by_method["Supervised"]["teacher"] is None
     assert (by_method["TeacherAssistantKD/ta1"]["teacher"], by_method["TeacherAssistantKD/ta1"]["student"]) == \
         ("mlp_300_300", "mlp_30_30")  # tiny_mlp: the assistant is trained from the teacher
-    assert "| step | tiny_mlp | BaselineKD | 8 |" in capsys.readouterr().out
+    from distill.methods import METHODS
+    from distill.tools.bench import SPECIAL_ROWS
+
+    generic = {r["method"] for r in records if r["bound"] == "method step"}
+    assert "DKD" in generic and generic == set(METHODS) - set(SPECIAL_ROWS)
+    assert by_method["DKD"]["teacher"] == "mlp_300_300"
+    out = capsys.readouterr().out
+    assert "| step | tiny_mlp | BaselineKD | 8 |" in out and "| plain torch |" in out and "| method step |" in out
+
+
+def test_every_registered_method_is_benchmarked_and_kill_tested(monkeypatch):
+    """The benchmark and the kill test read the registry: every method of distill.methods.METHODS has a
+    bench row (its special rows or a generic one) and is in the kill test's list, in the registry's
+    order; a method added to the registry gets a generic row with no edit of either tool."""
+    from distill.methods import METHODS, TeacherStudentModule
+    from distill.tools import killtest
+    from distill.tools.bench import METHOD_STEP, ROWS, SPECIAL_ROWS, method_rows
+
+    def method_of(row: str) -> str:
+        return row.split("/")[0].split("+")[0]
+
+    assert list(dict.fromkeys(method_of(row) for row in ROWS)) == list(METHODS)
+    assert set(SPECIAL_ROWS) <= set(METHODS)
+    assert killtest.METHODS == tuple(METHODS)
+
+    class NewKD(TeacherStudentModule):
+        def training_losses(self, batch):
+            raise NotImplementedError
+
+    rows = method_rows({**METHODS, "NewKD": NewKD})
+    assert list(rows) == [*ROWS, "NewKD"]
+    assert rows["NewKD"].bound_kind == METHOD_STEP and rows["NewKD"].teacher_role == "teacher"
 
 
 def test_a_failing_step_row_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
@@ -143,7 +175,7 @@ def test_device_resident_augmented_batches_have_the_right_shapes_and_range():
 
 
 def test_device_resident_fit_runs_and_bad_settings_fail_early(tmp_path, teacher_file):
-    model = BaselineKD("resnet8", teacher=str(teacher_file), image_size=16)
+    model = BaselineKD(student="resnet8", teacher=str(teacher_file), image_size=16)
     trainer = tiny_trainer(tmp_path, max_epochs=1)
     trainer.fit(model, datamodule=fake_datamodule(augment="cifar", device_resident=True))
     assert {"train/loss_epoch", "train/acc"} <= set(trainer.logged_metrics)
@@ -177,88 +209,49 @@ def test_epoch_means_fold_in_chunks_and_count_per_sample_values(monkeypatch):
     assert means.compute() == {} and means.count == 0
 
 
-def test_trainer_default_profiler_is_swapped_for_a_cheaper_no_op_and_a_real_one_kept(tmp_path):
-    from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
-
-    from distill.speed import trim_loop_overhead
-
-    plain = tiny_trainer(tmp_path)
-    assert type(plain.profiler) is PassThroughProfiler
-    trim_loop_overhead(plain)
-    assert isinstance(plain.profiler, PassThroughProfiler) and type(plain.profiler) is not PassThroughProfiler
-    with plain.profiler.profile("anything"):
-        pass
-    profiled = tiny_trainer(tmp_path, profiler=SimpleProfiler())
-    trim_loop_overhead(profiled)
-    assert type(profiled.profiler) is SimpleProfiler
-
-
-def test_epoch_checkpoint_is_a_model_checkpoint_under_its_key_and_still_saves_by_steps(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from distill.methods.base import EpochCheckpoint
-
-    for options in (dict(monitor="val/acc", mode="max", save_last=True), dict(monitor=None, save_top_k=1),
-                    dict(every_n_train_steps=2, save_top_k=-1)):
-        assert EpochCheckpoint(**options).state_key == ModelCheckpoint(**options).state_key
-    from distill.tools.bench import _EmptyStep
-
-    steps = EpochCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    loader = torch.utils.data.DataLoader([(torch.ones(2),)] * 3, batch_size=None)
-    tiny_trainer(tmp_path, max_epochs=1, callbacks=[steps]).fit(_EmptyStep(), train_dataloaders=loader)
-    assert [p.name for p in (tmp_path / "steps").iterdir()] == ["step=2.ckpt"]  # 3 batches: one at step 2
-
-
-def test_batch_transfer_matches_lightnings(teacher_file):
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    model = _kd_model(teacher_file)
-    batch = [torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([5, 6])]
-    for given in (batch, tuple(batch), {"images": batch[0]}):
-        moved = model.transfer_batch_to_device(given, torch.device("cpu"), 0)
-        expected = move_data_to_device(given, torch.device("cpu"))
-        assert type(moved) is type(expected)
-        assert all(torch.equal(a, b) for a, b in zip(moved, expected)) if not isinstance(given, dict) else \
-            torch.equal(moved["images"], expected["images"])
-
-
 def test_each_rows_bound_computes_the_methods_loss(tmp_path):
     """The plain-torch bound of a row is the method's own computation: on the same batch (dropout
     off) its loss is the method's training loss; PatientConsistentKD's also draws the method's views
     and clips as its recipe does. (The optimiser is the method's own: PlainStep.setup takes it from
-    the Trainer.)"""
+    the Trainer.) A generic row's "method step" bound calls the method's own training_losses: it runs
+    and gives the same loss."""
     from pathlib import Path
 
-    from distill.tools.bench import METHODS, PAIRS, BenchContext, make_batches, patient_bound
-    from distill.methods import PatientConsistentKD
+    from distill.tools.bench import (METHOD_STEP, PLAIN_TORCH, ROWS, PAIRS, SPECIAL_ROWS, BenchContext, make_batches,
+                                     patient_bound)
+    from distill.methods import METHODS, PatientConsistentKD
 
     pair = PAIRS["tiny_mlp"]
     batches = make_batches(pair, 8, 2, torch.device("cpu"))
     context = BenchContext(pair, Path(tmp_path), batches)
     images, labels, indices = batches[1]
-    for name, entry in METHODS.items():
+    kinds = {}
+    for name, entry in ROWS.items():
+        kinds[name] = entry.bound_kind
         module = entry.build(context).eval()
-        module.batch_indices = indices
+        assert isinstance(module, METHODS[name.split("/")[0].split("+")[0]]), name
         if isinstance(module, PatientConsistentKD):  # the same draws in the method's step and the bound
             module.batch_generator = lambda batch_idx: torch.Generator().manual_seed(3)
             bound = patient_bound(module, torch.Generator().manual_seed(3))
         else:
             bound = entry.bound(module)
         with torch.no_grad():
-            expected = module.training_losses(images, labels)[1]["loss"]
+            expected = module.training_losses(training_batch(images, labels, indices))[1]["loss"]
             got = bound.loss(batches[1])
         torch.testing.assert_close(got, expected, msg=name)
         assert bound.clip_norm == (module.hparams.grad_clip_norm if isinstance(module, PatientConsistentKD) else None)
+    assert {name for name, kind in kinds.items() if kind == METHOD_STEP} == set(METHODS) - set(SPECIAL_ROWS)
+    assert set(kinds.values()) == {PLAIN_TORCH, METHOD_STEP}
 
 
 def test_bound_steps_the_methods_own_optimiser_and_schedule(tmp_path):
     from pathlib import Path
 
-    from distill.tools.bench import METHODS, PAIRS, BenchContext, Interleave, PlainStep, _Cycle, _quiet_trainer, make_batches
+    from distill.tools.bench import ROWS, PAIRS, BenchContext, Interleave, PlainStep, _Cycle, _quiet_trainer, make_batches
 
     pair, device = PAIRS["tiny_mlp"], torch.device("cpu")
     batches = make_batches(pair, 8, 2, device)
-    entry = METHODS["PatientConsistentKD/consistent"]
+    entry = ROWS["PatientConsistentKD/consistent"]
     module = entry.build(BenchContext(pair, Path(tmp_path), batches))
     plain = PlainStep(entry.bound(module), device, "32-true")
     timer = Interleave(plain, batches, 1, 2, device)
@@ -279,11 +272,11 @@ def test_lightning_floor_runs_the_bound_on_the_methods_networks_optimiser_and_cl
 
     from lightning.pytorch.callbacks import Callback
 
-    from distill.tools.bench import METHODS, PAIRS, BenchContext, LightningFloor, _Cycle, _quiet_trainer, make_batches
+    from distill.tools.bench import ROWS, PAIRS, BenchContext, LightningFloor, _Cycle, _quiet_trainer, make_batches
 
     pair, device = PAIRS["tiny_mlp"], torch.device("cpu")
     batches = make_batches(pair, 8, 2, device)
-    entry = METHODS["PatientConsistentKD/consistent"]
+    entry = ROWS["PatientConsistentKD/consistent"]
     module = entry.build(BenchContext(pair, Path(tmp_path), batches))
     trainer = _quiet_trainer(device, "32-true", max_epochs=-1, max_steps=3, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=_Cycle(batches, 3))
@@ -308,13 +301,13 @@ def test_lightning_floor_runs_the_bound_on_the_methods_networks_optimiser_and_cl
 
 def _kd_model(teacher_file):
     torch.manual_seed(0)
-    return BaselineKD("resnet8", teacher=str(teacher_file), image_size=16).train()
+    return BaselineKD(student="resnet8", teacher=str(teacher_file), image_size=16).train()
 
 
 def test_channels_last_and_inference_mode_teacher_leave_the_loss_unchanged(teacher_file):
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     plain = _kd_model(teacher_file)
-    _, reference = plain.training_losses(images, labels)
+    _, reference = plain.training_losses(training_batch(images, labels))
     with torch.no_grad():  # the teacher as it ran before inference_mode
         expected_teacher = plain.teacher(images)
     assert torch.equal(plain.teacher_logits(images), expected_teacher)
@@ -322,7 +315,7 @@ def test_channels_last_and_inference_mode_teacher_leave_the_loss_unchanged(teach
     apply_speed_options(fast, channels_last=True)
     assert len(networks_of(fast)) == 2
     assert fast.student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    _, losses = fast.training_losses(images.to(memory_format=torch.channels_last), labels)
+    _, losses = fast.training_losses(training_batch(images.to(memory_format=torch.channels_last), labels))
     for name in ("loss", "loss_ce", "loss_kd"):
         assert losses[name].item() == pytest.approx(reference[name].item(), rel=1e-5, abs=1e-6)
     losses["loss"].backward()  # the teacher's logits may be saved for backward
@@ -345,7 +338,7 @@ def test_speed_options_callback_rejects_a_wrong_compile_mode():
 
 
 def test_speed_options_in_a_fit(tmp_path, teacher_file):
-    model = BaselineKD("resnet8", teacher=str(teacher_file), image_size=16)
+    model = BaselineKD(student="resnet8", teacher=str(teacher_file), image_size=16)
     trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[SpeedOptions(channels_last=True)])
     trainer.fit(model, datamodule=fake_datamodule())
     assert model.teacher.conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from conftest import REPO, write_teacher
-from distill.cli import DistillCLI, main
+from distill.cli import DistillCLI, main, recipe_arguments
+from test_cli_recipe import config_files, merged_config
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 CONFIGS = REPO / "configs"
@@ -162,9 +163,18 @@ def test_console_script_error_has_no_traceback(tmp_path):
         "mlp_800" in result.stderr.strip().splitlines()[-1]
 
 
+def _trained_by(teacher: str) -> str | None:
+    """The network of the config whose run writes ``teacher`` (``runs/<run_name>/...``), if one does."""
+    for path in config_files()[0]:
+        row = yaml.safe_load(path.read_text())
+        if teacher.startswith(f"runs/{row['run_name']}/"):
+            return row["model"]["init_args"]["student"]
+    return None
+
+
 def _config_overrides(config: Path, tmp_path: Path) -> list[str]:
     """Swap the config's data for generated data of the same shape, and its teacher for a generated one."""
-    text = yaml.safe_load(config.read_text())
+    text = merged_config(config)  # the config's lines over its recipe's
     dataset = text["data"]["dataset"]
     shape = {"mnist5k": (10, 1, 28), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "imagefolder": (10, 3, 32),
              "imagenet": (1000, 3, 32)}[dataset]
@@ -172,8 +182,10 @@ def _config_overrides(config: Path, tmp_path: Path) -> list[str]:
                  str(shape[1]), "--data.image_size", str(shape[2]), "--data.download", "false",
                  "--data.val_fraction", "null", "--data.num_workers", "0", "--data.train_subset", "null"]
     init_args = text["model"]["init_args"]
-    if "teacher_model" in init_args:
-        teacher = write_teacher(tmp_path / "teacher.safetensors", model=init_args["teacher_model"],
+    if "teacher_model" in init_args or "teacher" in init_args:
+        # a .safetensors teacher records its network: the configs name it only for other files
+        model = init_args.get("teacher_model") or _trained_by(init_args["teacher"]) or init_args["student"]
+        teacher = write_teacher(tmp_path / "teacher.safetensors", model=model,
                                 num_classes=shape[0], in_channels=shape[1], image_size=shape[2])
         overrides += ["--model.init_args.teacher", str(teacher)]
     return overrides
@@ -181,21 +193,20 @@ def _config_overrides(config: Path, tmp_path: Path) -> list[str]:
 
 # <dataset>/patient/ configs need BiT networks of 24M-236M parameters: tests/test_patient.py checks them
 # with small stand-ins.
-RUN_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")
-                     if "sweeps" not in p.parts and "patient" not in p.parts)
+RUN_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in config_files()[0] if "patient" not in p.parts)
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS)
 def test_every_config_parses_and_instantiates(config, tmp_path):
     path = CONFIGS / config
-    cli = DistillCLI(args=["--config", str(path), *_config_overrides(path, tmp_path)], run=False)
-    expected = yaml.safe_load(path.read_text())["model"]
+    cli = DistillCLI(args=[*recipe_arguments(["--config", str(path)]), *_config_overrides(path, tmp_path)], run=False)
+    expected = merged_config(path)["model"]
     assert cli.model.__class__.__name__ == expected["class_path"].rsplit(".", 1)[-1]
     for key, value in expected["init_args"].items():
         if key not in ("teacher", "optimizer", "lr_scheduler"):
             assert cli.model.hparams[key] == value, key
     assert cli.model.configure_optimizers() is not None
-    assert cli.trainer.max_epochs == yaml.safe_load(path.read_text())["trainer"]["max_epochs"]
+    assert cli.trainer.max_epochs == merged_config(path)["trainer"]["max_epochs"]
 
 
 def test_bf16_mixed_precision_run(tmp_path):

@@ -13,13 +13,14 @@ bit-identical, BatchNorm buffers included, after the fit and gets no gradient; s
 every stage with a fresh optimiser and schedule; PatientConsistentKD's student and teacher receive
 exactly the crops, flips and mixtures of an independent resampling (``grid_sample``) of the batch.
 
-Conventions (the README's): ``α`` weighs the soft term, ``τ²·KL(p_t^τ ‖ p_s^τ)`` summed over classes
+Conventions (docs/methods.md): ``α`` weighs the soft term, ``τ²·KL(p_t^τ ‖ p_s^τ)`` summed over classes
 and averaged over the batch; ResidualKD's ``‖·‖²`` sums over channels and averages over positions.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from conftest import fake_datamodule, tiny_trainer
 from distill import augment
-from distill.methods import BaselineKD, PatientConsistentKD, ResidualKD, TeacherAssistantKD
+from distill.methods import BaselineKD, PatientConsistentKD, ResidualKD, TeacherAssistantKD, TrainingBatch
 
 DATA = dict(num_classes=10, in_channels=3, image_size=16)
 BASE_LR, DECAY = 0.1, 0.5  # the staged tests' recipe: SGD at 0.1, halved every epoch of a stage
@@ -99,17 +100,19 @@ def assert_parts(record: dict[str, Any]) -> None:
                                    msg=lambda m: f"step {record['step']} {name}: {m}")
 
 
-def record_steps(model: nn.Module, expect: Callable[[Tensor, Tensor], dict[str, Any]],
+def record_steps(model: nn.Module, expect: Callable[[TrainingBatch], dict[str, Any]],
                  labels_given: Callable[[Tensor], Tensor] | None = None) -> list[dict[str, Any]]:
-    """Wraps ``model.training_losses``: before each training step's own computation, ``expect(images, labels)``
+    """Wraps ``model.training_losses``: before each training step's own computation, ``expect(batch)``
     records what the step should compute; afterwards the method's loss parts are added. ``labels_given``
     replaces the labels the method receives (to show a loss does not use them)."""
     records: list[dict[str, Any]] = []
     original = model.training_losses
 
-    def wrapped(images: Tensor, labels: Tensor):
-        record = {"epoch": model.current_epoch, "step": model.global_step, **expect(images, labels)}
-        logits, losses = original(images, labels_given(labels) if labels_given else labels)
+    def wrapped(batch: TrainingBatch):
+        record = {"epoch": model.current_epoch, "step": model.global_step, **expect(batch)}
+        if labels_given:
+            batch = dataclasses.replace(batch, labels=labels_given(batch.labels))
+        logits, losses = original(batch)
         record["losses"] = {k: v.detach().double() for k, v in losses.items()}
         records.append(record)
         return logits, losses
@@ -180,7 +183,8 @@ def test_baseline_kd_is_hintons_loss_from_the_frozen_teacher(tmp_path, teacher_f
                        label_smoothing=smoothing, cache_teacher_outputs=cache, **DATA)
     teacher, before = float64_copy(model.teacher, training=False), snapshot(model.teacher)
 
-    def expect(images: Tensor, labels: Tensor) -> dict[str, Any]:
+    def expect(batch: TrainingBatch) -> dict[str, Any]:
+        images, labels = batch.images, batch.labels
         z_s = float64_copy(model.student, training=True)(images.double())
         z_t = teacher(images.double())
         ce, kd = hard_term(z_s, labels, smoothing), soft_term(z_s, z_t, tau)
@@ -211,7 +215,8 @@ def test_takd_each_stage_is_kd_from_the_previous_networks_best_weights(tmp_path,
     path = [model.teacher, *model.assistants, model.student]
     at_stage_start: dict[int, list[dict[str, Tensor]]] = {}
 
-    def expect(images: Tensor, labels: Tensor) -> dict[str, Any]:
+    def expect(batch: TrainingBatch) -> dict[str, Any]:
+        images, labels = batch.images, batch.labels
         k = model.stage
         at_stage_start.setdefault(k, [snapshot(network) for network in path[: k + 1]])
         z_s = float64_copy(path[k + 1], training=True)(images.double())
@@ -286,7 +291,8 @@ def test_residual_kd_losses_are_the_papers_feature_distances(tmp_path, teacher_f
         inner = [c(f) for c, f in zip(connectors, features[:-1])]
         return (inner + [float64_copy(final, training)(features[-1])])[-count:]
 
-    def expect(images: Tensor, labels: Tensor) -> dict[str, Any]:
+    def expect(batch: TrainingBatch) -> dict[str, Any]:
+        images, labels = batch.images, batch.labels
         stage = model.stage_names[model.stage]
         x = images.double()
         t_maps = teacher.forward_features(x)
@@ -428,11 +434,12 @@ def test_patient_consistent_inputs_and_loss_follow_the_paper(tmp_path, teacher_f
         eval_view[indices] = images.double()
     whole = augment.central_boxes(96, 16, 16)
 
-    def expect(images: Tensor, labels: Tensor) -> dict[str, Any]:
-        seed = original_generator(model._batch_idx).initial_seed()
+    def expect(batch: TrainingBatch) -> dict[str, Any]:
+        images, labels = batch.images, batch.labels
+        seed = original_generator(batch.batch_idx).initial_seed()
         student_view, teacher_view, a = reference_views(model, images, seed)
         if teaching == "fixed":  # the teacher's output of the evaluation view, resized to its input size
-            indices = model.batch_indices
+            indices = batch.indices
             teacher_view = reference_crops(eval_view[indices], whole[indices], teacher_size or 16,
                                            torch.zeros(len(indices), dtype=torch.bool))
         z_s = float64_copy(model.student, training=True)(student_view)
@@ -475,7 +482,7 @@ def test_patient_consistent_schedule_is_big_visions_warmup_cosine(tmp_path, teac
     """Learning rate at every step: ``lr·min(1, t/w)·½(1 + cos(π·(t − w)/(T − w)))``, 0 at the first step."""
     model = PatientConsistentKD(student="resnet8", teacher=str(teacher_file), lr=0.01, warmup_steps=2, **DATA)
     rates: list[float] = []
-    records = record_steps(model, lambda images, labels: rates.append(model.trainer.optimizers[0].param_groups[0]["lr"])
+    records = record_steps(model, lambda batch: rates.append(model.trainer.optimizers[0].param_groups[0]["lr"])
                            or {})
     tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(model, datamodule=fake_datamodule(augment="none"))
     total = 6

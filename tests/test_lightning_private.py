@@ -15,23 +15,21 @@ from distill.methods import Supervised
 DATA = dict(num_classes=10, in_channels=3, image_size=16)
 
 
-def test_blocking_device_types_are_lightnings():
-    assert "cpu" in private.blocking_device_types() and "cuda" not in private.blocking_device_types()
-
-
-def test_hook_name_attribute_is_what_lightning_sets_around_hooks(tmp_path):
+def test_attached_trainer_is_none_alone_and_the_fitting_trainer_in_a_fit(tmp_path):
     seen = []
 
     class Recorder(Supervised):
         def training_step(self, batch, batch_idx):
-            seen.append(getattr(self, private.HOOK_NAME_ATTRIBUTE, None))
+            seen.append(private.attached_trainer(self))
             return super().training_step(batch, batch_idx)
 
     model = Recorder(student="mlp_30_30", **DATA)
-    tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(
-        model, datamodule=fake_datamodule())
-    assert seen == ["training_step"]
-    assert private.HOOK_NAME_ATTRIBUTE in model.__dict__  # stored as a plain attribute (DistillModule.__setattr__)
+    assert private.attached_trainer(model) is None
+    with pytest.raises(RuntimeError):
+        model.trainer  # the public property has no "not attached" answer
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=fake_datamodule())
+    assert seen == [trainer]
 
 
 @pytest.mark.parametrize("every", [1, 2])

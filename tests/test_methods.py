@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import fake_datamodule, tiny_trainer, write_teacher
+from conftest import fake_datamodule, tiny_trainer, write_teacher, in_training_losses
 from distill.errors import CheckpointError, ConfigError
 from distill.methods import BaselineKD, Supervised
 from distill.run import finish_fit
@@ -192,10 +192,9 @@ def test_cached_teacher_outputs_train_the_same_student_without_running_the_teach
     def fit(cache: bool, root: str):
         torch.manual_seed(0)
         model = kd_module(teacher_file, cache_teacher_outputs=cache)
-        forwards = {"train": 0}
+        forwards, stepping = {"train": 0}, in_training_losses(model)
         model.teacher.register_forward_hook(
-            lambda *_: forwards.__setitem__("train", forwards["train"] + (model.trainer.training and
-                                                                          model.batch_indices is not None)))
+            lambda *_: forwards.__setitem__("train", forwards["train"] + stepping[0]))
         trainer = tiny_trainer(tmp_path / root, num_sanity_val_steps=0)
         trainer.fit(model, datamodule=fake_datamodule(augment="none"))
         return model, forwards["train"]
@@ -220,7 +219,7 @@ def test_teacher_cache_needs_unaugmented_data(tmp_path, teacher_file):
 def test_eval_teacher_cache_gives_the_same_metrics_without_running_the_teacher(tmp_path, teacher_file):
     """EvalTeacherCache: val/test agreement and KL as without it; the teacher runs once per split, and not at
     all in a second run with the same teacher and data (the files are shared)."""
-    from distill.speed import EvalTeacherCache
+    from distill.callbacks import EvalTeacherCache
 
     def run(cache: bool, root: str):
         torch.manual_seed(0)
@@ -256,8 +255,8 @@ def test_trainer_gradient_clipping_applies_to_every_method(tmp_path, clip):
     norms = []
 
     class Recorder(Supervised):
-        def training_losses(self, images, labels):
-            logits, losses = super().training_losses(images, labels)
+        def training_losses(self, batch):
+            logits, losses = super().training_losses(batch)
             return logits, {**losses, "loss": losses["loss"] * 1e4}  # gradients far above any clip
 
         def on_train_start(self):

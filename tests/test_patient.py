@@ -17,12 +17,12 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import FAKE, REPO, fake_datamodule, tiny_trainer, write_teacher
+from conftest import FAKE, REPO, fake_datamodule, tiny_trainer, write_teacher, in_training_losses
 from distill import augment, teacher_cache
-from distill.cli import DistillCLI, main
+from distill.cli import DistillCLI, main, recipe_arguments
 from distill.errors import ConfigError
 from distill.methods import DistillModule, PatientConsistentKD
-from distill.methods.patient import decay_groups, warmup_cosine
+from distill.optim import DecoupledAdamW, decay_groups, warmup_cosine
 from distill.run import finish_fit, load_results
 from distill.teachers import load_network
 
@@ -258,10 +258,9 @@ def test_batch_generator_is_numpys_seed_sequence_of_the_keys():
 
 # ----------------------------------------------------------------------------------- fixed teacher
 def _count_teacher_calls(model: PatientConsistentKD) -> dict:
-    calls = {"build": 0, "train": 0}
+    calls, stepping = {"build": 0, "train": 0}, in_training_losses(model)
     model.teacher.register_forward_pre_hook(
-        lambda m, args: calls.__setitem__("train" if model.trainer.training and model.batch_indices is not None else "build",
-                                          calls["train" if model.trainer.training and model.batch_indices is not None else "build"] + 1))
+        lambda m, args: calls.__setitem__("train" if stepping[0] else "build", calls["train" if stepping[0] else "build"] + 1))
     return calls
 
 
@@ -355,23 +354,23 @@ def test_weight_decay_skips_norms_and_biases_and_is_not_multiplied_by_lr(teacher
     assert math.isclose(weights["weight_decay"], 1e-3 / 0.01)
     assert len(weights["params"]) + len(rest["params"]) == len(list(model.student.parameters()))
     norm = torch.nn.GroupNorm(2, 4)
-    assert decay_groups([norm]) == ([], list(norm.parameters()))
-    # with AdamW's coupling, a weight without gradient shrinks by sched·wd per step, whatever lr is
+    assert decay_groups(norm.parameters()) == ([], list(norm.parameters()))
+    # big_vision's decay: a weight without gradient shrinks by sched·wd per step, whatever lr is
     for lr in (0.1, 0.001):
-        theta = torch.nn.Parameter(torch.ones(3))
-        optimizer = torch.optim.AdamW([{"params": [theta], "weight_decay": 1e-3 / lr}], lr=lr)
+        theta = torch.nn.Parameter(torch.ones(3, 3))
+        optimizer = DecoupledAdamW([theta], lr=lr, weight_decay=1e-3)
         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.25)  # schedule factor 0.25
-        theta.grad = torch.zeros(3)
+        theta.grad = torch.zeros(3, 3)
         optimizer.step()
-        torch.testing.assert_close(theta.detach(), torch.full((3,), 1 - 0.25 * 1e-3))
+        torch.testing.assert_close(theta.detach(), torch.full((3, 3), 1 - 0.25 * 1e-3))
 
 
 def test_gradient_clipping_caps_the_global_norm(teacher_file):
     norms = {}
 
     class Recorder(PatientConsistentKD):
-        def training_losses(self, images, labels):
-            logits, losses = super().training_losses(images, labels)
+        def training_losses(self, batch):
+            logits, losses = super().training_losses(batch)
             return logits, {"loss": losses["loss"] * 1e4}  # gradients far above norm 1
 
         def on_before_optimizer_step(self, optimizer):
@@ -446,14 +445,16 @@ def test_cli_runs_each_setting(teacher_file, tmp_path, teaching):
     assert set(events.Tags()["images"]) == expected
 
 
-PAPER_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "patient" in p.parts)
+PAPER_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "patient" in p.parts and p.name != "recipe.yaml")
 
 
 def test_paper_configs_exist_for_every_table():
     datasets = {p.parts[-3] for p in PAPER_CONFIGS}
     assert datasets == {"flowers102", "oxford_pets", "food101", "sun397", "imagenet"}
+    from test_cli_recipe import resolved_config
+
     for config in PAPER_CONFIGS:
-        text = yaml.safe_load(config.read_text())
+        text = resolved_config(config)  # the row over its recipe, the method's defaults filled in
         data, init = text["data"], text["model"]["init_args"]
         assert data["augment"] == "none" and data["train_image_size"] > data["image_size"], config
         assert data["persistent_workers"] and text["trainer"]["check_val_every_n_epoch"] > 1, config
@@ -470,9 +471,11 @@ def _one_per_data_set(config):
 @pytest.mark.parametrize("config", [_one_per_data_set(c) for c in PAPER_CONFIGS])
 def test_paper_configs_instantiate(config, tmp_path):
     """Each paper config with fake data and small stand-ins for the BiT networks; the rest as written."""
-    text = yaml.safe_load(config.read_text())
+    from test_cli_recipe import resolved_config
+
+    text = resolved_config(config)  # the row over its recipe, the method's defaults filled in
     teacher = write_teacher(tmp_path / "teacher.safetensors", model="resnet8", image_size=32)
-    cli = DistillCLI(args=["--config", str(config), "--data.dataset", "fake", "--data.image_size", "32",
+    cli = DistillCLI(args=[*recipe_arguments(["--config", str(config)]), "--data.dataset", "fake", "--data.image_size", "32",
                            "--data.train_image_size", "40", "--data.num_workers", "0",
                            "--model.init_args.student", "resnet8", "--model.init_args.teacher", str(teacher),
                            "--model.init_args.teacher_model", "resnet8", "--model.init_args.teacher_image_size",
@@ -481,7 +484,8 @@ def test_paper_configs_instantiate(config, tmp_path):
     assert isinstance(cli.model, PatientConsistentKD)
     for key in ("teaching", "temperature", "lr", "weight_decay", "warmup_steps", "grad_clip_norm"):
         assert cli.model.hparams[key] == expected[key], key
-    assert expected["student"] == "timm.resnetv2_50x1_bit" and expected["teacher_model"] == "timm.resnetv2_152x2_bit"
+    # the teacher file (.safetensors) records its network, BiT-M-R152x2
+    assert expected["student"] == "timm.resnetv2_50x1_bit" and "bit_m_r152x2" in expected["teacher"]
     assert cli.trainer.max_epochs == text["trainer"]["max_epochs"]
     assert cli.trainer.check_val_every_n_epoch == text["trainer"]["check_val_every_n_epoch"]
     assert text["data"]["augment"] == "none" and text["data"]["train_image_size"] > text["data"]["image_size"]

@@ -57,6 +57,29 @@ def test_kill_and_resume_every_method(tmp_path):
     assert killtest.main(["--workdir", str(tmp_path / "killtest"), "--kills", "4"]) == 0
 
 
+def test_killtest_builds_a_methods_config_from_its_base_classes(tmp_path, monkeypatch):
+    """The kill test reads the registry: a method without an entry in EXTRA_INIT_ARGS (DKD, or a new
+    staged one) gets SGD, the teacher file of a TeacherStudentModule and the stages of a StagedModule."""
+    from distill.methods import METHODS, PatientConsistentKD, StagedModule, TeacherAssistantKD
+
+    assert killtest.METHODS == tuple(METHODS) and "DKD" not in killtest.EXTRA_INIT_ARGS
+    assert killtest.STAGED == tuple(name for name, cls in METHODS.items() if issubclass(cls, StagedModule))
+    dkd = killtest.method_config("DKD", tmp_path, 8)["model"]
+    assert dkd == {"class_path": "distill.methods.DKD", "init_args": {
+        "student": "mlp_30_30", "teacher": str(tmp_path / "teacher.safetensors"),
+        "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}}}}
+    assert (tmp_path / "teacher.safetensors").exists()
+    assert killtest.brings_own_recipe(PatientConsistentKD) and not killtest.brings_own_recipe(METHODS["DKD"])
+    assert "optimizer" not in killtest.method_config("PatientConsistentKD", tmp_path, 8)["model"]["init_args"]
+
+    class NewStaged(TeacherAssistantKD):
+        pass
+
+    monkeypatch.setitem(killtest.REGISTRY, "NewStaged", NewStaged)
+    staged = killtest.method_config("NewStaged", tmp_path, 7)["model"]["init_args"]
+    assert staged["stage_epochs"] == [3, 4] and "teacher" in staged and "assistants" not in staged
+
+
 def test_killtest_refuses_a_work_directory_it_did_not_make(tmp_path, capsys):
     """The harness empties its work directory: one holding other files is refused before anything is deleted;
     its own (marked) directory is emptied in place, so it can be the working directory."""
@@ -153,8 +176,8 @@ class NaNAt(Supervised):
         super().__init__(**kwargs)
         self.bad_steps = set(bad_steps)
 
-    def training_losses(self, images, labels):
-        logits, losses = super().training_losses(images, labels)
+    def training_losses(self, batch):
+        logits, losses = super().training_losses(batch)
         if self.global_step in self.bad_steps and not getattr(self, "_counted", None) == self.global_step:
             self._counted = self.global_step
             losses = {"loss_ce": losses["loss_ce"] * float("nan"), "loss": losses["loss"] * float("nan")}

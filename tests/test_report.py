@@ -168,7 +168,7 @@ def test_errors_are_one_line(tmp_path):
 
 def test_console_script_error(tmp_path, monkeypatch, capsys):
     """`distill report EMPTY` through the console script's entry point (in-process: no 10 s of imports)."""
-    from distill.cli import entry_point
+    from distill.tools.main import entry_point
 
     (tmp_path / "empty").mkdir()
     monkeypatch.setattr(sys, "argv", ["distill", "report", str(tmp_path / "empty")])

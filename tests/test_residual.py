@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, StopAfter, fake_datamodule, tiny_trainer, write_teacher
+from conftest import REPO, StopAfter, fake_datamodule, tiny_trainer, write_teacher, training_batch
 from distill.cli import main as distill_main
 from distill.errors import ConfigError
 from distill.methods import BaselineKD, ResidualKD
@@ -60,13 +60,13 @@ def test_m1_stages_train_only_one_of_s_and_a(tmp_path, teacher_file):
 
     original = model.training_losses
 
-    def spy(images, labels):
+    def spy(batch):
         optimised = {id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]}
         seen.append(dict(stage=model.stage_name, s=snapshot(pair.student), a=snapshot(pair.assistant),
                          s_grads=[p.grad for p in pair.student.parameters()],
                          a_grads=[p.grad for p in pair.assistant.parameters()],
                          s_training=pair.student.training, a_training=pair.assistant.training, optimised=optimised))
-        return original(images, labels)
+        return original(batch)
 
     model.training_losses = spy
     trainer = tiny_trainer(tmp_path, max_epochs=4)
@@ -95,12 +95,12 @@ def test_m1_stages_train_only_one_of_s_and_a(tmp_path, teacher_file):
 
 def test_residual_target_comes_from_the_frozen_student(teacher_file):
     model = residual_module(teacher_file)
-    model._enter_stage(1)  # stage 2: A learns the residual
+    model.enter_stage(1)  # stage 2: A learns the residual
     pair = model.student
     images, labels = batch()
     pair.student.train()  # must not matter: the frozen S is evaluated in eval mode during training
     model.train()
-    _, losses = model.training_losses(images, labels)
+    _, losses = model.training_losses(training_batch(images, labels))
 
     # independent computation: teacher and S in eval mode, no graph
     with torch.no_grad():
@@ -131,11 +131,11 @@ def test_stage_one_runs_the_assistant_only_while_it_adds_something(teacher_file)
     pair.assistant_connector.register_forward_hook(lambda *_: forwards.append(1))
     images, labels = batch(2)
     model.eval()
-    _, losses = model.training_losses(images, labels)
+    _, losses = model.training_losses(training_batch(images, labels))
     assert not forwards and torch.equal(losses["remaining_norm"], losses["residual_norm"])
     with torch.no_grad():
         pair.assistant_connector.map.bias.fill_(0.5)
-    _, losses = model.training_losses(images, labels)
+    _, losses = model.training_losses(training_batch(images, labels))
     assert forwards
     with torch.no_grad():
         f_t = model.teacher.forward_features(images)[-1]
@@ -149,7 +149,7 @@ def test_stage_one_is_feature_mimicking_and_untrained_assistant_adds_nothing(tea
     pair = model.student
     images, labels = batch(1)
     model.eval()
-    logits, losses = model.training_losses(images, labels)
+    logits, losses = model.training_losses(training_batch(images, labels))
     with torch.no_grad():
         f_t = model.teacher.forward_features(images)[-1]
         f_s = pair.student_connector(pair.student.forward_features(images)[-1])
@@ -168,18 +168,18 @@ def test_m2_adds_blocks_shallow_to_deep(teacher_file, monkeypatch):
     assert len(model.teacher_shapes) == 3 and len(model.block_connectors["student"]) == 2
     weights = {}
     for epoch in range(7):
-        model._enter_stage(model._stage_for_epoch(epoch))
+        model.enter_stage(model._stage_for_epoch(epoch))
         monkeypatch.setattr(ResidualKD, "current_epoch", property(lambda self, e=epoch: e))
         weights[epoch] = model._block_weights()
     monkeypatch.undo()
     assert weights == {0: [1, 0, 0], 1: [1, 1, 0], 2: [1, 1, 1],            # stage 1, E=3
                        3: [1, 0, 0], 4: [1, 0, 0], 5: [1, 1, 0], 6: [1, 1, 1]}  # stage 2, E=4
 
-    model._enter_stage(1)
+    model.enter_stage(1)
     monkeypatch.setattr(ResidualKD, "current_epoch", property(lambda self: 3))  # stage 2's first epoch: block 1
     images, labels = batch()
     model.train()
-    _, losses = model.training_losses(images, labels)
+    _, losses = model.training_losses(training_batch(images, labels))
     pair = model.student
     with torch.no_grad():
         f_t = model.teacher.forward_features(images)[0]
@@ -198,7 +198,7 @@ def test_m3_trains_s_and_a_jointly(teacher_file):
     assert {id(p) for p in pair.student.parameters()} <= trainable and {id(p) for p in pair.assistant.parameters()} <= trainable
     images, labels = batch()
     model.train()
-    _, losses = model.training_losses(images, labels)
+    _, losses = model.training_losses(training_batch(images, labels))
     losses["loss_assistant"].backward()  # the S+A error reaches S too (end to end)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pair.student.parameters())
     assert all(p.grad.abs().sum() > 0 for p in pair.assistant_connector.parameters())
@@ -212,7 +212,7 @@ def test_trained_classifier_learns_from_labels(tmp_path, teacher_file):
     assert any(m is head for m in model.trainable_modules())
     images, labels = batch()
     model.train()
-    _, losses = model.training_losses(images, labels)
+    _, losses = model.training_losses(training_batch(images, labels))
     torch.testing.assert_close(losses["loss_ce"], F.cross_entropy(model.student.student_logits(images), labels))
     tiny_trainer(tmp_path, max_epochs=2).fit(model, datamodule=fake_datamodule())
     assert not unchanged(head, before)

@@ -1,4 +1,4 @@
-"""Global batch and learning-rate scaling (distill.scaling) with 1 process, 2 CPU processes and SLURM."""
+"""Global batch and learning-rate scaling (distill.callbacks) with 1 process, 2 CPU processes and SLURM."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from conftest import REPO
 from distill.cli import main
 from distill.errors import ConfigError
 from distill.methods import Supervised
-from distill.scaling import GlobalBatch, LRScaling, global_batch, lr_factor, scale_learning_rates
+from distill.callbacks import GlobalBatch, LRScaling, global_batch, lr_factor, scale_learning_rates
 
 SCRATCH = str(REPO / "configs" / "mnist5k" / "scratch.yaml")
 DISTILL = Path(sys.executable).with_name("distill")
@@ -27,7 +27,7 @@ DISTILL = Path(sys.executable).with_name("distill")
 SHORT = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
          "--trainer.limit_test_batches=2", "--trainer.num_sanity_val_steps=0"]
-LINEAR_64 = ["--trainer.callbacks+=distill.scaling.LRScaling", "--trainer.callbacks.base_batch_size=64"]
+LINEAR_64 = ["--trainer.callbacks+=distill.callbacks.LRScaling", "--trainer.callbacks.base_batch_size=64"]
 
 
 def first_logged_lr(run_dir: Path) -> float:
@@ -74,7 +74,7 @@ def test_linear_scaling_one_process_through_the_cli(capsys):
 
 
 def test_rule_none_reports_but_keeps_the_rate(capsys):
-    cli = main(["fit", "--config", SCRATCH, *SHORT, "--trainer.callbacks+=distill.scaling.LRScaling",
+    cli = main(["fit", "--config", SCRATCH, *SHORT, "--trainer.callbacks+=distill.callbacks.LRScaling",
                 "--trainer.callbacks.rule=none"])
     assert "global batch 64 = 64 per process × 1 process × 1 accumulated; lr 0.05 → 0.05 (no scaling)" \
         in capsys.readouterr().out

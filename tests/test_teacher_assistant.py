@@ -39,13 +39,13 @@ def test_each_stage_frozen_predecessor_and_exports(tmp_path, mlp_teacher):
     seen = []  # (stage, TA weights, TA requires_grad, TA training mode, optimised parameter ids)
     original = model.training_losses
 
-    def spy(images, labels):
+    def spy(batch):
         optimised = {id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]}
         ta = model.assistants[0]
         seen.append((model.stage, ta.state_dict()["fc_layers.0.weight"].clone() if "fc_layers.0.weight" in ta.state_dict()
                      else next(iter(ta.state_dict().values())).clone(), any(p.requires_grad for p in ta.parameters()),
                      ta.training, optimised))
-        return original(images, labels)
+        return original(batch)
 
     model.training_losses = spy
     trainer = tiny_trainer(tmp_path, max_epochs=4)

@@ -8,11 +8,12 @@ from torch import Tensor
 
 from distill import teacher_cache
 from distill.errors import ConfigError
-from distill.losses import hinton_kd_objective
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory, check_label_smoothing
+from distill.losses import check_label_smoothing, hinton_kd_objective, validate_kd_hparams
+from distill.methods.base import TrainingBatch
+from distill.methods.teacher_student import TeacherStudentModule
 
 
-class BaselineKD(DistillModule):
+class BaselineKD(TeacherStudentModule):
     """Soft-target distillation: ``L = (1−α)·CE(y, z_s) + α·τ²·KL(p_t^τ ‖ p_s^τ)``, batch mean.
 
     The hard-label term uses the student's logits at τ=1; the soft term is multiplied by τ² so its
@@ -32,12 +33,6 @@ class BaselineKD(DistillModule):
       ``α = λ / (λ + C·(1−λ))`` and ``s = 1 − λ + λ/C`` (a learning-rate factor): use that α.
 
     Args:
-        teacher: path of the teacher (a ``.ckpt`` from any method here, a ``.safetensors`` file, or a
-            state_dict ``.pt``/``.pth``). Loaded with ``weights_only=True``.
-        teacher_model: zoo name of the teacher's architecture; needed for plain state_dicts and for
-            ``teacher_pretrained`` (e.g. ``tv.resnet50``), read from the file otherwise.
-        teacher_kwargs: constructor arguments of ``teacher_model``.
-        teacher_pretrained: with no ``teacher`` file, use torchvision/timm pretrained weights.
         temperature: τ > 0 (default 4, RepDistiller's CIFAR-100 setting; Hinton used up to 20).
         alpha: weight of the soft term in [0, 1] (default 0.9, RepDistiller); α=0 is plain CE.
         label_smoothing: ε of label smoothing on the hard term.
@@ -51,37 +46,27 @@ class BaselineKD(DistillModule):
         teacher_cache: pin the cache file (built there if missing; a cache of another teacher or data
             is an error, never overwritten); null = ``<teacher_cache_dir>/<dataset>-train-<key>.safetensors``.
         teacher_cache_dir: folder of automatic caches; null = ``<trainer.default_root_dir>/teacher_cache``.
+        **kwargs: ``student``, ``teacher`` (one file or an ensemble: :class:`TeacherStudentModule`), optimiser
+            and schedule (:class:`DistillModule`).
     """
 
     def __init__(
         self,
-        student: str,
-        teacher: str | None = None,
-        teacher_model: str | None = None,
-        teacher_kwargs: dict[str, Any] | None = None,
-        teacher_pretrained: bool = False,
+        *,
         temperature: float = 4.0,
         alpha: float = 0.9,
         label_smoothing: float = 0.0,
         cache_teacher_outputs: bool = False,
         teacher_cache: str | None = None,
         teacher_cache_dir: str | None = None,
-        student_kwargs: dict[str, Any] | None = None,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        image_size: int | None = None,
-        optimizer: OptimizerFactory | None = None,
-        lr_scheduler: SchedulerFactory | None = None,
-        lr_scheduler_interval: str = "epoch",
+        **kwargs: Any,
     ) -> None:
         validate_kd_hparams(temperature, alpha)
         check_label_smoothing(label_smoothing)
-        super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
-                         optimizer, lr_scheduler, lr_scheduler_interval)
         if (teacher_cache or teacher_cache_dir) and not cache_teacher_outputs:
             raise ConfigError("teacher_cache / teacher_cache_dir are only used with cache_teacher_outputs: true; "
                               "set it, or remove them.")
-        self.attach_teacher(teacher, teacher_model, teacher_kwargs, teacher_pretrained)
+        super().__init__(**kwargs)
         #: The teacher's logits per training-set index; when set, training steps look them up instead
         #: of running the teacher (filled in on_fit_start with ``cache_teacher_outputs``).
         self.cached_logits: Tensor | None = None
@@ -104,25 +89,18 @@ class BaselineKD(DistillModule):
         if self.trainer.is_global_zero:
             print(f"BaselineKD: teacher cache {path} {status} ({len(logits)} images)")
 
-    def training_teacher_logits(self, images: Tensor) -> Tensor:
+    def training_teacher_logits(self, batch: TrainingBatch) -> Tensor:
         """The teacher's logits for this training batch: looked up in the cache when there is one."""
         if self.cached_logits is None:
-            return self.teacher_logits(images)
-        return self.cached_logits[self.batch_indices.to(self.cached_logits.device)]
+            return self.teacher_logits(batch.images)
+        return self.cached_logits[batch.indices.to(self.cached_logits.device)]
 
-    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.student(images)
-        losses = hinton_kd_objective(
-            logits, self.training_teacher_logits(images), labels,
-            temperature=self.hparams.temperature, alpha=self.hparams.alpha,
-            label_smoothing=self.hparams.label_smoothing,
-        )
+    def training_losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(batch.images)
+        losses = hinton_kd_objective(logits, self.training_teacher_logits(batch), batch.labels,
+                                     temperature=self.hparams.temperature, alpha=self.hparams.alpha,
+                                     label_smoothing=self.hparams.label_smoothing)
         return logits, losses
 
 
-def validate_kd_hparams(temperature: float, alpha: float) -> None:
-    """One-line errors for the values every soft-target method shares."""
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}; the paper's values are 1–20.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha (weight of the KD term) must be in [0, 1], got {alpha}.")
+__all__ = ["BaselineKD"]

@@ -6,8 +6,6 @@ Official code: google-research/big_vision, ``trainers/proj/distill/distill.py`` 
 
 from __future__ import annotations
 
-import hashlib
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,24 +19,14 @@ from torch import Tensor, nn
 from distill import augment, teacher_cache
 from distill.data import DistillDataModule
 from distill.errors import ConfigError
+from distill.lightning_private import attached_trainer
 from distill.losses import kd_loss
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory
-from distill.scaling import scale_learning_rates
-from distill.teachers import load_network
+from distill.methods.base import TrainingBatch
+from distill.methods.teacher_student import TeacherStudentModule
+from distill.optim import DecoupledAdamW, WarmupCosine
 
 TEACHINGS = ("fixed", "independent", "consistent", "function_matching")
 FIXED_VIEWS = ("central_crop", "resize", "inception_ensemble")
-
-
-class TeacherEnsemble(nn.Module):
-    """Several frozen teachers whose logits are averaged (the paper's ensemble teacher)."""
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return torch.stack([member(images).float() for member in self.members]).mean(dim=0)
 
 
 @dataclass
@@ -50,31 +38,7 @@ class Views:
     mixup: float | None  # the batch's mixup coefficient a ∈ [0.5, 1], None without mixup
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int | None):
-    """big_vision's schedule as a factor of the base rate: ``min(1, s/w) · ½(1 + cos(π·clip((s−w)/(T−w))))``.
-
-    The rate is 0 at step 0 and reaches 0 again at ``total_steps`` (``None``: warm-up only) (big_vision
-    ``utils.create_learning_rate_schedule`` with ``decay_type='cosine'``, ``linear_end=0``).
-    """
-    def factor(step: int) -> float:
-        ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
-        if total_steps is None:
-            return ramp
-        progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
-        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def decay_groups(modules: list[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(weights, rest)``: tensors of two or more dimensions (conv kernels, linear weights) decay;
-    norms' scales and shifts and all biases (one dimension) do not — big_vision's default
-    ``wd_mults = [('.*/kernel$', 1.0)]``."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-
-
-class PatientConsistentKD(DistillModule):
+class PatientConsistentKD(TeacherStudentModule):
     """Function matching: ``L = τ²·KL(p_t^τ ‖ p_s^τ)``, batch mean, no label term (labels feed metrics only).
 
     **Teaching settings** (``teaching``, paper §3 and Figure 3), all with the same loss:
@@ -104,11 +68,11 @@ class PatientConsistentKD(DistillModule):
     **Recipe** (official configs): Adam with default betas, linear warm-up for ``warmup_steps`` then
     cosine decay to 0 at the last step, global gradient-norm clipping at ``grad_clip_norm`` = 1.0
     (unless the Trainer sets its own ``gradient_clip_val``), decoupled weight decay on weights only.
-    big_vision's update is ``−sched(t)·(lr·adam(g) + wd·θ)``: the decay is scaled by the schedule
-    factor but **not** by the base rate. torch's ``AdamW`` subtracts ``lr_t·λ·θ`` with
-    ``lr_t = lr·sched(t)``, so ``λ = weight_decay / lr`` reproduces it exactly at every step (set per
-    parameter group after any ``LRScaling``, so scaling the rate leaves the decay alone). Norm scales
-    and biases get no decay. Giving ``optimizer`` replaces this recipe by the base class's.
+    These are :class:`distill.optim.DecoupledAdamW` (big_vision's update ``−sched(t)·(lr·adam(g) + wd·θ)``:
+    the decay follows the schedule factor but not the base rate; norm scales and biases get no decay) and
+    :class:`distill.optim.WarmupCosine` (stepped per optimiser step, to 0 at the run's last step), built
+    from ``lr``, ``weight_decay`` and ``warmup_steps``. Giving ``optimizer`` / ``lr_scheduler`` replaces
+    them (a scheduler other than WarmupCosine then steps per ``lr_scheduler_interval``, per epoch by default).
 
     **Reporting.** The paper reports the student at the end of the schedule; ``report_end_of_schedule``
     makes :func:`distill.run.finish_fit` test the weights the fit ended with (before it loads the
@@ -141,17 +105,15 @@ class PatientConsistentKD(DistillModule):
         warmup_steps: linear warm-up optimiser steps (official: 5,000 ImageNet, 1,500 small data sets).
         grad_clip_norm: global gradient-norm clip; 0 disables.
         log_images: log what teacher and student saw in the first training batch to TensorBoard.
+        **kwargs: ``student``, ``teacher`` (one file or a list: an ensemble), optimiser and schedule: see
+            :class:`~distill.methods.TeacherStudentModule` and :class:`~distill.methods.DistillModule`.
     """
 
     report_end_of_schedule = True  # Beyer et al. report the end of the schedule (see Reporting)
 
     def __init__(
         self,
-        student: str,
-        teacher: str | list[str | None] | None = None,
-        teacher_model: str | list[str] | None = None,
-        teacher_kwargs: dict[str, Any] | None = None,
-        teacher_pretrained: bool = False,
+        *,
         teaching: str = "function_matching",
         temperature: float = 1.0,
         teacher_image_size: int | None = None,
@@ -168,44 +130,15 @@ class PatientConsistentKD(DistillModule):
         warmup_steps: int = 1500,
         grad_clip_norm: float = 1.0,
         log_images: bool = True,
-        student_kwargs: dict[str, Any] | None = None,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        image_size: int | None = None,
-        optimizer: OptimizerFactory | None = None,
-        lr_scheduler: SchedulerFactory | None = None,
-        lr_scheduler_interval: str = "step",
+        **kwargs: Any,
     ) -> None:
         _validate(teaching, temperature, teacher_image_size, crop_scale, crop_ratio, mixup_alpha, fixed_view,
                   fixed_crops, teacher_cache, lr, weight_decay, warmup_steps, grad_clip_norm)
-        super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
-                         optimizer, lr_scheduler, lr_scheduler_interval)
-        self._attach_teachers(teacher, teacher_model, teacher_kwargs, teacher_pretrained)
+        super().__init__(**kwargs)
         self.teaching = teaching
         self.cached_logits: Tensor | None = None  # the fixed teacher's outputs, per training index
         self.cache_path: Path | None = None
-        self._batch_idx = 0  # of the current step: part of the augmentation's seed
         self._images_logged = False
-
-    # ----------------------------------------------------------------------------------- teachers
-    def _attach_teachers(self, paths: Any, models: Any, kwargs: dict[str, Any] | None, pretrained: bool) -> None:
-        if not isinstance(paths, (list, tuple)):
-            self.attach_teacher(paths, models, kwargs, pretrained)
-            return
-        models = list(models) if isinstance(models, (list, tuple)) else [models] * len(paths)
-        if len(models) != len(paths) or not paths:
-            raise ConfigError(f"teacher lists {len(paths)} files but teacher_model {len(models)} names; "
-                              "give one teacher_model, or one per teacher.")
-        loaded = [load_network(path, model, num_classes=self.hparams.num_classes,
-                               in_channels=self.hparams.in_channels, image_size=self.hparams.image_size,
-                               model_kwargs=kwargs, pretrained=pretrained) for path, model in zip(paths, models)]
-        ensemble = TeacherEnsemble([member.network.eval() for member in loaded])
-        ensemble.requires_grad_(False)
-        members = [member.describe() for member in loaded]
-        fingerprints = [m["sha256"] or teacher_cache.tensors_sha256(n.network) for m, n in zip(members, loaded)]
-        self.teacher = ensemble
-        self.teacher_info = {"path": [m["path"] for m in members], "members": members,
-                             "sha256": hashlib.sha256("".join(fingerprints).encode()).hexdigest()}
 
     def teacher_logits(self, images: Tensor) -> Tensor:
         """The (ensemble-averaged) teacher logits, the images resized to ``teacher_image_size`` first."""
@@ -244,32 +177,26 @@ class PatientConsistentKD(DistillModule):
         return Views(student, teacher, a)
 
     def batch_generator(self, batch_idx: int) -> torch.Generator:
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank = self.trainer.global_rank if attached_trainer(self) is not None else 0
         return augment.batch_generator(torch.initial_seed(), self.current_epoch, batch_idx, rank)
 
     # ----------------------------------------------------------------------------------- training
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        # batch_idx seeds this step's crops and mixup, and training_losses does not receive it
-        self._batch_idx = batch_idx
-        return super().training_step(batch, batch_idx)
-
-    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        indices = self.batch_indices
-        views = self.make_views(images, self.batch_generator(self._batch_idx))
+    def training_losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        views = self.make_views(batch.images, self.batch_generator(batch.batch_idx))
         if self.teaching == "fixed":
-            if self.cached_logits is None or indices is None:
+            if self.cached_logits is None:
                 raise RuntimeError("fixed teaching needs the teacher cache, built in on_fit_start")
-            teacher = self.cached_logits[indices.to(self.cached_logits.device)]
+            teacher = self.cached_logits[batch.indices.to(self.cached_logits.device)]
         else:
             teacher = self.teacher_logits(views.teacher)
         logits = self.student(views.student)
-        if not self._images_logged:
+        if self.hparams.log_images and not self._images_logged:
             self._log_views(views)
         return logits, {"loss": kd_loss(logits, teacher, self.hparams.temperature)}
 
     def _log_views(self, views: Views) -> None:
         self._images_logged = True
-        if self._trainer is None or self.global_rank != 0:
+        if attached_trainer(self) is None or self.global_rank != 0:
             return
         experiment = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if experiment is None:
@@ -351,27 +278,11 @@ class PatientConsistentKD(DistillModule):
         return total / hp.fixed_crops
 
     # ----------------------------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> Any:
-        if self.optimizer_factory is not None:
-            return super().configure_optimizers()
-        hp = self.hparams
-        weights, rest = decay_groups(self.trainable_modules())
-        optimizer = torch.optim.AdamW([{"params": weights, "decoupled_wd": hp.weight_decay},
-                                       {"params": rest, "decoupled_wd": 0.0}], lr=hp.lr)
-        scale_learning_rates(self._trainer, optimizer)
-        for group in optimizer.param_groups:  # AdamW decays by lr·λ: λ = wd / lr leaves wd·sched(t)
-            group["weight_decay"] = group["decoupled_wd"] / group["lr"]
-        if self.lr_scheduler_factory is not None:
-            scheduler = self.lr_scheduler_factory(optimizer)
-        else:
-            # the run's length is known once a Trainer holds the module; without one, no decay
-            total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
-            if total is not None and hp.warmup_steps > total:
-                raise ConfigError(f"warmup_steps={hp.warmup_steps} exceeds the run's {total} optimiser steps; "
-                                  "lower warmup_steps or train longer.")
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": hp.lr_scheduler_interval}}
+    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return DecoupledAdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> WarmupCosine:
+        return WarmupCosine(optimizer, self.hparams.warmup_steps)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -407,4 +318,4 @@ def _validate(teaching: str, temperature: float, teacher_image_size: int | None,
                           f"weight_decay={weight_decay}, warmup_steps={warmup_steps}, grad_clip_norm={grad_clip_norm}.")
 
 
-__all__ = ["PatientConsistentKD", "TeacherEnsemble", "Views", "warmup_cosine", "decay_groups", "TEACHINGS"]
+__all__ = ["PatientConsistentKD", "Views", "TEACHINGS"]

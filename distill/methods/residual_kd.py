@@ -1,7 +1,7 @@
 """ResidualKD: Gao et al., "Residual Error Based Knowledge Distillation" (arXiv 2002.09168; Neurocomputing 2021).
 
 Not Relational KD (Park et al. 2019), which is also abbreviated RKD. No public implementation of the
-paper exists; every choice the paper leaves open is marked "our choice" below and in the README.
+paper exists; every choice the paper leaves open is marked "our choice" below and in docs/methods.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import ConfigError
-from distill.methods.base import OptimizerFactory, SchedulerFactory
+from distill.losses import feature_mse, mean_norm
+from distill.methods.base import TrainingBatch
 from distill.methods.staged import StagedModule
 from distill.models.residual import Connector, ResidualPair, connector
 from distill.models.budget import PairCost, derive_pair, pair_cost
@@ -25,22 +26,6 @@ SCHEMES = ("m1", "m2", "m3")
 CLASSIFIERS = ("teacher", "trained")
 #: Names of the two predictions that validation and test report (S alone, S+A).
 VIEWS = ("student", "student_assistant")
-
-
-def feature_mse(feature: Tensor, target: Tensor) -> Tensor:
-    """The paper's squared l2 distance ``‖feature − target‖²`` (Eqs. 3–4), per position: summed over
-    channels, averaged over the spatial positions of a map and over the batch; float32 under mixed precision.
-
-    For vector features (an MLP's last hidden layer) this is exactly the per-sample ``‖·‖²``, batch mean.
-    For ``C×H×W`` maps the paper's sum over all elements is divided by ``H·W`` (our choice): the gradient
-    at each position then does not grow with the map's resolution, so one learning rate serves 7×7 and
-    32×32 maps alike. (A mean over all elements, as some FitNets code uses, also divides by C: on mnist5k S
-    then barely learnt at the recipe's learning rate.)
-    """
-    squared = (feature.float() - target.float()).pow(2)
-    if squared.dim() == 4:
-        return squared.sum(dim=1).mean()
-    return squared.flatten(1).sum(dim=1).mean()
 
 
 def _weighted_sum(weights: list[float], terms: list[Tensor]) -> Tensor:
@@ -58,11 +43,6 @@ def _total(terms: Any) -> Tensor:
         total = term if total is None else total + term
     assert total is not None
     return total
-
-
-def mean_norm(residual: Tensor) -> Tensor:
-    """Mean over the batch of each sample's l2 norm (the size of a residual, for logging)."""
-    return residual.detach().float().flatten(1).norm(dim=1).mean()
 
 
 class StudentAlone(nn.Module):
@@ -122,40 +102,29 @@ class ResidualKD(StagedModule):
     (``residual_pair``), usable as a teacher.
 
     Args:
-        student: the given network to derive S and A from, or S itself when ``assistant`` is given.
-        teacher, teacher_model, teacher_kwargs, teacher_pretrained: as in :class:`~distill.methods.BaselineKD`;
-            the teacher must expose feature maps.
         stage_epochs: epochs per stage: ``[S, A]`` for m1/m2, ``[joint]`` for m3.
         scheme: ``m1``, ``m2`` or ``m3``.
         assistant, assistant_kwargs: A's zoo name and options; null derives S and A from ``student``.
         assistant_ratio: FLOPs(A) / FLOPs(S) when deriving (the paper: A about 1/10 of S).
         classifier: ``teacher`` (frozen copy, default) or ``trained``.
         ce_weight: weight of the cross-entropy of a trained classifier.
+        **kwargs: ``student`` (the given network to derive S and A from, or S itself when ``assistant`` is
+            given), ``teacher`` (one network that exposes feature maps), optimiser and schedule.
     """
 
     STATE_KEY = "residual_kd"
 
     def __init__(
         self,
-        student: str,
+        *,
         stage_epochs: list[int],
-        teacher: str | None = None,
-        teacher_model: str | None = None,
-        teacher_kwargs: dict[str, Any] | None = None,
-        teacher_pretrained: bool = False,
         scheme: str = "m1",
         assistant: str | None = None,
         assistant_kwargs: dict[str, Any] | None = None,
         assistant_ratio: float = 0.1,
         classifier: str = "teacher",
         ce_weight: float = 1.0,
-        student_kwargs: dict[str, Any] | None = None,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        image_size: int | None = None,
-        optimizer: OptimizerFactory | None = None,
-        lr_scheduler: SchedulerFactory | None = None,
-        lr_scheduler_interval: str = "epoch",
+        **kwargs: Any,
     ) -> None:
         if scheme not in SCHEMES:
             raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)} (the paper's M.1/M.2/M.3), got {scheme!r}")
@@ -168,9 +137,10 @@ class ResidualKD(StagedModule):
             raise ConfigError(f"stage_epochs needs {len(self.stage_names)} positive entries for scheme {scheme} "
                               f"({', '.join(self.stage_names)}); got {list(stage_epochs)}.")
         # The given network is built here (and only used as the FLOPs reference); the pair replaces it.
-        super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
-                         optimizer, lr_scheduler, lr_scheduler_interval)
-        self.attach_teacher(teacher, teacher_model, teacher_kwargs, teacher_pretrained)
+        super().__init__(**kwargs)
+        hp = self.hparams
+        student, student_kwargs = hp.student, hp.student_kwargs
+        num_classes, in_channels, image_size = hp.num_classes, hp.in_channels, hp.image_size
         self.teacher_shapes = self._feature_shapes(self.teacher, "the teacher")
         target = self.teacher_shapes[-1]
         if assistant is None:
@@ -198,14 +168,14 @@ class ResidualKD(StagedModule):
         self._best_student_score: float | None = None
         self._silent_key: tuple[tuple[int, int], ...] | None = None  # see _assistant_silent
         self._silent = False
-        self._enter_stage(0)
+        self.enter_stage(0)
 
     # ------------------------------------------------------------------------------ construction
     def _feature_shapes(self, network: nn.Module, what: str) -> list[tuple[int, ...]]:
         if not getattr(network, "supports_features", True) or not hasattr(network, "forward_features"):
             raise ConfigError(f"{what} ({getattr(network, 'model_name', None) or type(network).__name__}) exposes no "
                               "feature map (forward_features); ResidualKD distils feature maps: choose a network "
-                              "with stage features (see the README's Models section).")
+                              "with stage features (see docs/data-and-models.md, Models).")
         size = self.hparams.image_size or 32
         device = next(network.parameters()).device
         with torch.no_grad():
@@ -271,26 +241,13 @@ class ResidualKD(StagedModule):
     def _frozen_role(self) -> str | None:
         return {"student": "assistant", "assistant": "student"}.get(self.stage_name)
 
-    def _enter_stage(self, index: int) -> None:
-        self.stage = index
+    def frozen_modules(self) -> list[nn.Module]:
         frozen = self._frozen_role()
-        for role in ("student", "assistant"):
-            for module in self._parts(role):
-                module.requires_grad_(role != frozen)
-                for p in module.parameters():
-                    p.grad = None  # no stale gradient of an earlier stage stays on a frozen network
-        self.student.freeze_unused()
-        self.train(self.training)
-        self.val_acc_best.reset()
-        self._best_score, self._best_state = float("-inf"), None
+        return self._parts(frozen) if frozen is not None else []
 
-    def train(self, mode: bool = True) -> "ResidualKD":
-        super().train(mode)
-        frozen = self._frozen_role() if hasattr(self, "stage") else None
-        if frozen is not None:
-            for module in self._parts(frozen):
-                module.eval()  # the frozen network's BatchNorm statistics must not move either
-        return self
+    def enter_stage(self, index: int) -> None:
+        super().enter_stage(index)
+        self.student.freeze_unused()
 
     def _block_weights(self) -> list[float]:
         """Loss weight of each matched block, shallow to deep: ``[1]`` (the final map) for m1/m3.
@@ -328,7 +285,8 @@ class ResidualKD(StagedModule):
             self._silent_key, self._silent = key, not any(bool(p.detach().any()) for p in params)
         return self._silent
 
-    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        images, labels = batch.images, batch.labels
         weights = self._block_weights()
         with torch.no_grad():
             teacher = self.teacher.forward_features(images)[-len(weights):]
@@ -365,24 +323,21 @@ class ResidualKD(StagedModule):
     def _stage_view(self) -> str:
         return "student" if self.stage_name == "student" else "student_assistant"
 
-    def _finish_stage(self) -> None:
-        """Loads the stage's best-validation weights and records the validation accuracy they had."""
-        if self._best_state is not None:
-            self._load_trained_state(self._best_state)
-        view = self._stage_view()
+    def record_stage(self, best_score: float | None) -> None:
+        """Records the validation accuracy of the stage's best weights (loaded now)."""
         if self.stage_name == "student":
             # until A is trained, S+A is S plus an untrained (zero-connected) assistant
             self.stage_records["student"]["best_val_acc"] = self._best_score
         elif self.stage_name == "joint":
             self.stage_records["student"]["best_val_acc"] = self._best_student_score
-        self.stage_records[view]["best_val_acc"] = self._best_score if self._best_state is not None else None
+        self.stage_records[self._stage_view()]["best_val_acc"] = best_score
 
-    def _trained_state(self) -> dict[str, Tensor]:
+    def trained_state(self) -> dict[str, Tensor]:
         state = {f"pair.{k}": v for k, v in self.student.state_dict().items()}
         state.update({f"blocks.{k}": v for k, v in self.block_connectors.state_dict().items()})
         return {k: v.detach().clone() for k, v in state.items()}
 
-    def _load_trained_state(self, state: dict[str, Tensor]) -> None:
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
         self.student.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("pair.")})
         self.block_connectors.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("blocks.")})
 
@@ -398,14 +353,13 @@ class ResidualKD(StagedModule):
             self.val_acc_student(self.student.student_logits(images), labels)
             self.log("val/acc_student", self.val_acc_student, batch_size=images.shape[0])
 
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking and self.view is None:
-            student = self.val_acc_student.compute().item()
-            score = student if self.stage_name == "student" else self.val_acc.compute().item()
-            if score > self._best_score:
-                self._best_score, self._best_student_score = score, student
-                self._best_state = self._trained_state()
-        super().on_validation_epoch_end()
+    def stage_score(self) -> float:
+        """Stage 1 selects on S alone, stage 2 and M.3 on S+A."""
+        self._student_score = self.val_acc_student.compute().item()
+        return self._student_score if self.stage_name == "student" else super().stage_score()
+
+    def on_best_validation(self) -> None:
+        self._best_student_score = self._student_score
 
     def evaluation_stages(self) -> list[str]:
         return list(VIEWS)
@@ -432,4 +386,4 @@ class ResidualKD(StagedModule):
         self._best_student_score = saved["best_student_score"]
 
 
-__all__ = ["ResidualKD", "feature_mse", "mean_norm"]
+__all__ = ["ResidualKD"]

@@ -1,11 +1,20 @@
-"""What staged methods share: stages of given lengths in one ``fit``, each with a fresh optimiser.
+"""What staged methods share: stages of given lengths in one ``fit``, each with its own trained and frozen
+networks, a fresh optimiser, and its best-validation weights kept.
 
-A staged method (TeacherAssistantKD, ResidualKD) sets ``stage_ends`` (cumulative epochs) and implements
-``_enter_stage(index)`` (what trains, what is frozen) and ``_finish_stage()`` (keep the stage's best
-weights, record them). This class switches stages at epoch boundaries, rebuilds the optimiser and
-schedule per stage (a schedule's epochs count from its stage's start), stops after the last stage and
-keeps ``last.ckpt`` and the newest epoch's checkpoint for Lightning (model selection happens per stage
-inside the method).
+A staged method (TeacherAssistantKD, ResidualKD) sets ``stage_ends`` (cumulative epochs) and
+``stage_records`` (what results.json reports per stage), and says per stage what trains
+(:meth:`~distill.methods.DistillModule.trainable_modules`), what is frozen (:meth:`frozen_modules`), how
+the stage is scored and what its weights are (:meth:`stage_score`, :meth:`trained_state`) and what is
+recorded when it ends (:meth:`record_stage`). This class:
+
+* switches stages at epoch boundaries; the frozen networks get no gradients and stay in eval mode;
+* keeps the stage's best-validation weights and, when the stage ends, loads them (the next stage starts
+  from them) before :meth:`record_stage`;
+* rebuilds the optimiser and schedule per stage (a schedule's epochs count from its stage's start) and
+  re-wraps DDP, which fixes the parameters it synchronises when it wraps;
+* stops after the last stage, and keeps ``last.ckpt`` and the newest epoch's checkpoint for Lightning
+  (model selection happens per stage, here); checkpoints carry the stage state, so a run resumes in
+  the middle of any stage.
 """
 
 from __future__ import annotations
@@ -15,25 +24,50 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.lightning_private import rewrap_ddp
-from distill.methods.base import DistillModule, EpochCheckpoint
+from distill.methods.teacher_student import TeacherStudentModule
 
 
-class StagedModule(DistillModule):
-    """Base of methods that train in stages; see the module docstring.
-
-    Subclasses keep ``stage``, ``stage_ends``, ``stage_records`` (what results.json reports per stage) and
-    the current stage's best validation score and weights (``_best_score``, ``_best_state``); these go
-    into checkpoints under ``STATE_KEY`` so that a run resumes in the middle of any stage.
-    """
+class StagedModule(TeacherStudentModule):
+    """Base of methods that train in stages; see the module docstring."""
 
     STATE_KEY = "staged"
     stage: int
     stage_ends: list[int]
     stage_records: Any
+    _best_score: float = float("-inf")
+    _best_state: dict[str, Tensor] | None = None
 
+    # ------------------------------------------------------------------------------ what a method defines
+    def configure_stage(self, index: int) -> None:
+        """Sets up what differs in stage ``index`` beyond freezing (its log prefix, say)."""
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The networks that teach or wait in the current stage: no gradients, eval mode."""
+        return []
+
+    def stage_score(self) -> float:
+        """The validation score that selects the stage's best weights (validation accuracy)."""
+        return self.metrics.accuracy("val").compute().item()
+
+    def trained_state(self) -> dict[str, Tensor]:
+        """A copy of the weights the current stage trains."""
+        return {k: v.detach().clone() for k, v in self.active_network().state_dict().items()}
+
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
+        self.active_network().load_state_dict(state)
+
+    def record_stage(self, best_score: float | None) -> None:
+        """Records the finished stage (its best weights are loaded); ``best_score`` None: never validated."""
+
+    def on_best_validation(self) -> None:
+        """Called when a validation beats the stage's best so far (after its weights are kept)."""
+
+    # ------------------------------------------------------------------------------ the mechanism
     @property
     def total_epochs(self) -> int:
         return self.stage_ends[-1]
@@ -42,11 +76,31 @@ class StagedModule(DistillModule):
         """The stage that trains at ``epoch`` (the last stage past the end)."""
         return next((i for i, end in enumerate(self.stage_ends) if epoch < end), len(self.stage_ends) - 1)
 
-    def _enter_stage(self, index: int) -> None:
-        raise NotImplementedError
+    def enter_stage(self, index: int) -> None:
+        self.stage = index
+        self.configure_stage(index)
+        for module in self.trainable_modules():
+            module.requires_grad_(True)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            for p in module.parameters():
+                p.grad = None  # no stale gradient of an earlier stage stays on a frozen network
+        self.train(self.training)
+        self.metrics.best.reset()
+        self._best_score, self._best_state = float("-inf"), None
 
-    def _finish_stage(self) -> None:
-        raise NotImplementedError
+    def finish_stage(self) -> None:
+        """Loads the stage's best-validation weights and records the stage."""
+        if self._best_state is not None:
+            self.load_trained_state(self._best_state)
+        self.record_stage(self._best_score if self._best_state is not None else None)
+
+    def train(self, mode: bool = True) -> "StagedModule":
+        super().train(mode)
+        if hasattr(self, "stage"):
+            for module in self.frozen_modules():
+                module.eval()  # a frozen network's BatchNorm statistics must not move either
+        return self
 
     def on_fit_start(self) -> None:
         max_epochs = self.trainer.max_epochs
@@ -57,10 +111,18 @@ class StagedModule(DistillModule):
     def on_train_epoch_start(self) -> None:
         stage = self._stage_for_epoch(self.current_epoch)
         if stage != self.stage:
-            self._finish_stage()
-            self._enter_stage(stage)
+            self.finish_stage()
+            self.enter_stage(stage)
             self._restart_optimisation()
         super().on_train_epoch_start()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and self.trainer.state.fn == TrainerFn.FITTING:
+            score = self.stage_score()
+            if score > self._best_score:
+                self._best_score, self._best_state = score, self.trained_state()
+                self.on_best_validation()
+        super().on_validation_epoch_end()
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -70,7 +132,7 @@ class StagedModule(DistillModule):
     def on_train_end(self) -> None:
         # Only a completed run finishes its last stage; a run stopped early resumes from its checkpoint.
         if self.current_epoch >= self.total_epochs:
-            self._finish_stage()
+            self.finish_stage()
 
     def on_fit_end(self) -> None:
         self.on_train_end()  # a run resumed from its final checkpoint trains nothing and has no train end
@@ -80,9 +142,15 @@ class StagedModule(DistillModule):
         strategy = self.trainer.strategy
         strategy.setup_optimizers(self.trainer)
         if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
-            # DDP fixes the set of parameters it synchronises when it wraps the module: wrap again.
             rewrap_ddp(strategy)
 
+    def schedule_steps(self) -> int:
+        """A schedule spans its stage: the stage's epochs' share of the fit's optimiser steps."""
+        per_epoch = int(self.trainer.estimated_stepping_batches) // max(int(self.trainer.max_epochs or 1), 1)
+        start = self.stage_ends[self.stage - 1] if self.stage else 0
+        return per_epoch * (self.stage_ends[self.stage] - start)
+
+    # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[self.STATE_KEY] = {"stage": self.stage, "best_score": self._best_score,
@@ -92,7 +160,7 @@ class StagedModule(DistillModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint[self.STATE_KEY]
-        self._enter_stage(saved["stage"])
+        self.enter_stage(saved["stage"])
         self._best_score, self._best_state = saved["best_score"], saved["best_state"]
         self.stage_records = saved["records"]
         self._load_extra_state(saved)
@@ -105,10 +173,9 @@ class StagedModule(DistillModule):
         pass
 
     def checkpoint_callback(self) -> ModelCheckpoint:
-        # Model selection happens per stage inside the module. Lightning (2.6) writes last.ckpt only
-        # when it also writes a regular checkpoint, so keep the newest epoch's (save_top_k=1 without a
-        # monitor); with save_top_k=0 a killed run had no checkpoint to resume from.
-        return EpochCheckpoint(monitor=None, save_last=True, save_top_k=1, filename="epoch{epoch:03d}",
+        # Lightning (2.6) writes last.ckpt only when it also writes a regular checkpoint, so keep the newest
+        # epoch's (save_top_k=1 without a monitor); with save_top_k=0 a killed run had nothing to resume from.
+        return ModelCheckpoint(monitor=None, save_last=True, save_top_k=1, filename="epoch{epoch:03d}",
                                auto_insert_metric_name=False)
 
 

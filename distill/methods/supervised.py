@@ -7,7 +7,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.methods.base import DistillModule, OptimizerFactory, SchedulerFactory, check_label_smoothing
+from distill.losses import check_label_smoothing
+from distill.methods.base import DistillModule, TrainingBatch
 
 
 class Supervised(DistillModule):
@@ -18,25 +19,17 @@ class Supervised(DistillModule):
 
     Args:
         label_smoothing: ε of label smoothing (Szegedy et al. 2016); 0 disables it.
+        **kwargs: ``student``, optimiser and schedule: see :class:`DistillModule`.
     """
 
-    def __init__(
-        self,
-        student: str,
-        student_kwargs: dict[str, Any] | None = None,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        image_size: int | None = None,
-        label_smoothing: float = 0.0,
-        optimizer: OptimizerFactory | None = None,
-        lr_scheduler: SchedulerFactory | None = None,
-        lr_scheduler_interval: str = "epoch",
-    ) -> None:
+    def __init__(self, *, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         check_label_smoothing(label_smoothing)
-        super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
-                         optimizer, lr_scheduler, lr_scheduler_interval)
+        super().__init__(**kwargs)
 
-    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.student(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.hparams.label_smoothing)
+    def training_losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.student(batch.images)
+        loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.hparams.label_smoothing)
         return logits, {"loss_ce": loss, "loss": loss}
+
+
+__all__ = ["Supervised"]

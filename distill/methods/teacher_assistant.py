@@ -8,9 +8,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.losses import hinton_kd_objective
-from distill.methods.base import OptimizerFactory, SchedulerFactory
-from distill.methods.baseline_kd import validate_kd_hparams
+from distill.losses import hinton_kd_objective, validate_kd_hparams
+from distill.methods.base import TrainingBatch
 from distill.methods.staged import StagedModule
 from distill.teachers import NetworkSpec, load_network, save_network
 
@@ -33,44 +32,33 @@ class TeacherAssistantKD(StagedModule):
     ``trainer.max_epochs`` must be at least ``sum(stage_epochs)``; the run stops there.
 
     Args:
-        student: zoo name of the final student.
         assistants: zoo names of the TAs, largest first (the path's order); ``[]`` is plain KD.
         stage_epochs: epochs per stage, one per assistant plus one for the student.
         assistant_checkpoints: optional, one entry per assistant: a file with that TA's trained
             weights (any ``teacher`` format), or ``null`` to train it. A supplied TA's stage is skipped,
             and its ``stage_epochs`` entry must be 0.
         assistant_kwargs: optional constructor arguments per assistant.
-        teacher, teacher_model, teacher_kwargs, teacher_pretrained: the path's first teacher, as in
-            :class:`~distill.methods.BaselineKD`.
         temperature, alpha: τ and the soft-term weight for every stage (defaults as BaselineKD; the
             paper tuned λ and τ per experiment and did not publish them).
         stage_temperature, stage_alpha: optional per-stage overrides.
+        **kwargs: ``student`` (the final student), the path's first ``teacher`` (:class:`TeacherStudentModule`),
+            optimiser and schedule (:class:`DistillModule`).
     """
 
     STATE_KEY = "teacher_assistant"
 
     def __init__(
         self,
-        student: str,
+        *,
         assistants: list[str],
         stage_epochs: list[int],
-        teacher: str | None = None,
-        teacher_model: str | None = None,
-        teacher_kwargs: dict[str, Any] | None = None,
-        teacher_pretrained: bool = False,
         assistant_checkpoints: list[str | None] | None = None,
         assistant_kwargs: list[dict[str, Any]] | None = None,
         temperature: float = 4.0,
         alpha: float = 0.9,
         stage_temperature: list[float] | None = None,
         stage_alpha: list[float] | None = None,
-        student_kwargs: dict[str, Any] | None = None,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        image_size: int | None = None,
-        optimizer: OptimizerFactory | None = None,
-        lr_scheduler: SchedulerFactory | None = None,
-        lr_scheduler_interval: str = "epoch",
+        **kwargs: Any,
     ) -> None:
         stages = len(assistants) + 1
         checkpoints = list(assistant_checkpoints or [None] * len(assistants))
@@ -92,15 +80,15 @@ class TeacherAssistantKD(StagedModule):
             if checkpoint is not None and epochs != 0:
                 raise ConfigError(f"assistant {assistants[index]!r} is supplied as {checkpoint}, so its stage is "
                                   f"skipped: set stage_epochs[{index}] to 0.")
-        super().__init__(student, student_kwargs, num_classes, in_channels, image_size,
-                         optimizer, lr_scheduler, lr_scheduler_interval)
-        self.attach_teacher(teacher, teacher_model, teacher_kwargs, teacher_pretrained)
-        self.assistant_specs = [NetworkSpec(name, num_classes, in_channels, image_size, dict(kwargs))
-                                for name, kwargs in zip(assistants, per_assistant["assistant_kwargs"])]
+        super().__init__(**kwargs)
+        hp = self.hparams
+        self.assistant_specs = [NetworkSpec(name, hp.num_classes, hp.in_channels, hp.image_size, dict(extra))
+                                for name, extra in zip(assistants, per_assistant["assistant_kwargs"])]
         self.assistants = nn.ModuleList(spec.build() for spec in self.assistant_specs)
         for network, spec, checkpoint in zip(self.assistants, self.assistant_specs, checkpoints):
             if checkpoint is not None:
-                loaded = load_network(checkpoint, spec.model, num_classes, in_channels, image_size, spec.model_kwargs)
+                loaded = load_network(checkpoint, spec.model, hp.num_classes, hp.in_channels, hp.image_size,
+                                      spec.model_kwargs)
                 network.load_state_dict(loaded.network.state_dict())
         self.stage_temperature, self.stage_alpha = per_stage["stage_temperature"], per_stage["stage_alpha"]
         self.stage_names = [f"ta{i + 1}" for i in range(len(assistants))] + ["student"]
@@ -110,9 +98,7 @@ class TeacherAssistantKD(StagedModule):
             {"stage": name, "model": spec.model, "epochs": epochs, "supplied": checkpoint}
             for name, spec, epochs, checkpoint in zip(self.stage_names, self.stage_specs, stage_epochs, checkpoints + [None])
         ]
-        self._best_score = float("-inf")
-        self._best_state: dict[str, Tensor] | None = None
-        self._enter_stage(self._stage_for_epoch(0))
+        self.enter_stage(self._stage_for_epoch(0))
 
     # ------------------------------------------------------------------------------ the path
     def networks(self) -> list[nn.Module]:
@@ -134,55 +120,34 @@ class TeacherAssistantKD(StagedModule):
                 return index
         return len(self.stage_ends) - 1
 
-    def _enter_stage(self, index: int) -> None:
-        self.stage = index
+    def configure_stage(self, index: int) -> None:
         self.log_prefix = f"{self.stage_names[index]}/"
-        for position, network in enumerate(self.networks()):
-            network.requires_grad_(position == index)
-        self.train(self.training)  # puts every network but the active one in eval mode
-        self.val_acc_best.reset()
-        self._best_score, self._best_state = float("-inf"), None
 
-    def train(self, mode: bool = True) -> "TeacherAssistantKD":
-        super().train(mode)
-        if hasattr(self, "stage"):
-            for position, network in enumerate(self.networks()):
-                if position != self.stage:
-                    network.eval()  # earlier stages teach, later ones wait: none of them learns
-        return self
+    def frozen_modules(self) -> list[nn.Module]:
+        # earlier stages teach, later ones wait: none of them learns
+        return [network for position, network in enumerate(self.networks()) if position != self.stage]
 
     # ------------------------------------------------------------------------------ training
-    def training_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.active_network()(images)
-        losses = hinton_kd_objective(logits, self.teacher_logits(images), labels,
+    def training_losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.active_network()(batch.images)
+        losses = hinton_kd_objective(logits, self.teacher_logits(batch.images), batch.labels,
                                      temperature=self.stage_temperature[self.stage], alpha=self.stage_alpha[self.stage])
         return logits, losses
 
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            score = self.val_acc.compute().item()
-            if score > self._best_score:
-                self._best_score = score
-                self._best_state = {k: v.detach().clone() for k, v in self.active_network().state_dict().items()}
-        super().on_validation_epoch_end()
-
-    def _finish_stage(self) -> None:
-        """Loads the stage's best-validation weights, records and exports them (once per stage)."""
+    def record_stage(self, best_score: float | None) -> None:
+        """Records the stage's best-validation weights (loaded now) and exports them, once per stage."""
         record = self.stage_records[self.stage]
         if "best_val_acc" in record:
             return
-        if self._best_state is not None:
-            self.active_network().load_state_dict(self._best_state)
-        record["best_val_acc"] = self._best_score if self._best_state is not None else None
+        record["best_val_acc"] = best_score
         log_dir = self.trainer.log_dir  # a collective under DDP: every process must ask
         if log_dir:
             path = Path(log_dir) / "stages" / f"{self.stage_names[self.stage]}.safetensors"
             record["model_file"] = str(path)
         if self.trainer.is_global_zero and log_dir:
             save_network(self.active_network(), self.stage_specs[self.stage], path,
-                         best_val_acc=record["best_val_acc"], stage=self.stage_names[self.stage])
+                         best_val_acc=best_score, stage=self.stage_names[self.stage])
 
-    # ------------------------------------------------------------------------------ checkpoints
     # ------------------------------------------------------------------------------ evaluation
     def evaluation_stages(self) -> list[str]:
         return list(self.stage_names)

@@ -27,6 +27,7 @@ from distill.models.registry import create_model, list_models, register_model
 # Imported for their registrations.
 from distill.models import cifar_resnet, mlp, takd_cnn, wrn  # noqa: E402,F401  isort: skip
 from distill.models import residual  # noqa: E402,F401  isort: skip  (after the families it combines)
+from distill.models import external  # noqa: E402,F401  isort: skip  (registers the tv. and timm. prefixes)
 from distill.models.peers import PEER_ARCHITECTURES, convert_peer_state_dict  # noqa: E402
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Gao et al. (arXiv 2002.09168, §3.5 "Separating A from S") derive S and A from a pre-designed model so
 that S + A costs no more than that model, and report that an A of about 1/10 of S suffices. The
-paper's exact procedure was not retrievable, so this module defines one (documented in the README):
+paper's exact procedure was not retrievable, so this module defines one (documented in docs/methods.md, ResidualKD):
 
 * S and A are the given architecture at reduced **width** (the zoo builders' ``width`` option: every
   channel count times a factor, depth unchanged);

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from distill.errors import CheckpointError, ConfigError
 from distill.models.base import ClassifierModel, kaiming_init
-from distill.models.registry import unknown_name_error
+from distill.models.registry import register_source, scale_widths, unknown_name_error
 
 # Input side used to find out the channels of each feature at construction (small enough to be
 # cheap, large enough for every supported torchvision family).
@@ -334,8 +334,6 @@ def _narrow_resnet(net: nn.Module, name: str, width: float, pretrained: bool, nu
     """
     from torchvision.models.resnet import ResNet
 
-    from distill.models.registry import scale_widths
-
     if pretrained or not isinstance(net, ResNet):
         raise ConfigError(f"tv.{name}: the width option exists for torchvision ResNets without pretrained "
                           f"weights only; got width={width} for {type(net).__name__}, pretrained={pretrained}.")
@@ -426,3 +424,8 @@ def create_timm(
     except (TypeError, ValueError) as err:
         raise ConfigError(f"cannot build timm.{name} with options {kwargs}: {err}") from None
     return TimmModel(net, name, num_classes, in_channels)
+
+
+# The registry routes ``tv.*`` and ``timm.*`` names here; distill.models imports this module for it.
+register_source("tv.", create_torchvision, torchvision_model_names)
+register_source("timm.", create_timm, timm_model_names)

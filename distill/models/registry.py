@@ -12,6 +12,10 @@ Besides the registered zoo, ``create_model`` understands two prefixes that are n
 * ``timm.<name>``: any timm model, when timm is installed.
 
 ``list_models("tv.*")`` and ``list_models("timm.*")`` list those on request.
+
+This module knows no family: the families register with it (``@register_model``, and
+:func:`register_source` for a whole prefix), so every arrow goes from a family to the registry.
+:mod:`distill.models` imports them all, so importing the package registers everything.
 """
 
 from __future__ import annotations
@@ -27,11 +31,15 @@ from distill.models.base import ClassifierModel
 
 Builder = Callable[..., ClassifierModel]
 B = TypeVar("B", bound=Builder)
+#: ``create(name_without_prefix, num_classes, in_channels, image_size, pretrained, **options)``.
+SourceBuilder = Callable[..., ClassifierModel]
 
 _REGISTRY: dict[str, Builder] = {}
 # Arguments create_model passes to every builder itself; they are not "options".
 _COMMON_ARGS = ("num_classes", "in_channels", "image_size")
 EXTERNAL_PREFIXES = ("tv.", "timm.")
+# Prefix → (create, names): the families not listed one by one, registered by distill.models.external.
+_SOURCES: dict[str, tuple[SourceBuilder, Callable[[], list[str]]]] = {}
 
 
 @overload
@@ -55,6 +63,19 @@ def register_model(fn: Builder | None = None, *, name: str | None = None) -> Any
     return add(fn) if fn is not None else add
 
 
+def register_source(prefix: str, create: SourceBuilder, names: Callable[[], list[str]]) -> None:
+    """Routes every model name starting with ``prefix`` (e.g. ``"tv."``) to ``create``.
+
+    ``create(name, num_classes, in_channels, image_size, pretrained, **options)`` gets the name without
+    the prefix; ``names()`` lists the names it knows (without the prefix) for :func:`list_models`.
+    """
+    if prefix not in EXTERNAL_PREFIXES:
+        raise ValueError(f"model name prefixes are {EXTERNAL_PREFIXES}, got {prefix!r}")
+    if prefix in _SOURCES and _SOURCES[prefix][0] is not create:
+        raise ValueError(f"model prefix {prefix!r} is already registered (by {_SOURCES[prefix][0].__module__})")
+    _SOURCES[prefix] = (create, names)
+
+
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted names of the registered zoo, optionally filtered by an fnmatch ``pattern``.
 
@@ -62,17 +83,16 @@ def list_models(pattern: str | None = None) -> list[str]:
     ``"tv.resnet*"``) lists torchvision models, ``"timm.*"`` timm models (empty without timm).
     """
     names = sorted(_REGISTRY)
-    if pattern is not None and pattern.startswith("tv."):
-        from distill.models.external import torchvision_model_names
-
-        names = ["tv." + n for n in torchvision_model_names()]
-    elif pattern is not None and pattern.startswith("timm."):
-        from distill.models.external import timm_model_names
-
-        names = ["timm." + n for n in timm_model_names()]
+    prefix = _source_prefix(pattern) if pattern is not None else None
+    if prefix is not None:
+        names = [prefix + n for n in _SOURCES[prefix][1]()]
     if pattern is None:
         return names
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def _source_prefix(name: str) -> str | None:
+    return next((prefix for prefix in _SOURCES if name.startswith(prefix)), None)
 
 
 def unknown_name_error(name: str, candidates: list[str], what: str = "model") -> UnknownNameError:
@@ -133,13 +153,10 @@ def create_model(
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ConfigError(f"in_channels must be a positive integer, got {in_channels!r}")
 
-    if name.startswith(EXTERNAL_PREFIXES):
-        from distill.models import external
-
-        if name.startswith("tv."):
-            model = external.create_torchvision(name[3:], num_classes, in_channels, image_size, pretrained, **kwargs)
-        else:
-            model = external.create_timm(name[5:], num_classes, in_channels, image_size, pretrained, **kwargs)
+    prefix = _source_prefix(name)
+    if prefix is not None:
+        create = _SOURCES[prefix][0]
+        model = create(name[len(prefix):], num_classes, in_channels, image_size, pretrained, **kwargs)
     else:
         builder = _REGISTRY.get(name)
         if builder is None:

@@ -6,20 +6,30 @@
 * ``step``: a method's training step, run by a minimal ``lightning.Trainer`` (no logger, no
   checkpoints, no validation) on batches already in memory on the device, so ``self.log``, our
   callbacks and Lightning's automatic optimisation all run as in a real fit. Interleaved with it, in
-  the same process and on the same networks, batches and precision, the **bound**: the same
-  computation in plain torch, nothing of Lightning and none of our bookkeeping (metrics, logging,
-  the non-finite check, per-step seeding). Per row (:class:`Bound`, built by the row's
-  ``MethodBench.bound``): the on-device augmentation if the method augments inside its step
-  (PatientConsistentKD's crops, flips and mixup; other methods augment in the DataLoader, outside
-  the step), the teacher's forward pass under ``inference_mode`` (or, with a teacher cache, the
-  lookup of its logits), the trained network's forward pass, the method's loss (the functions of
-  :mod:`distill.losses`, ResidualKD's ``feature_mse``), backward, the recipe's gradient clipping (if
-  any), and the step of the method's own optimiser and per-step schedule, the very objects the
-  Trainer built from its ``configure_optimizers`` (SGD with momentum and weight decay by default;
-  PatientConsistentKD's AdamW, warm-up/cosine schedule and norm clipping at 1). ``ratio`` is the share of the bound the
-  method reaches: the median, over ``--repeats`` alternating measurements, of (method images/s) /
-  (bound images/s) measured back to back; ``images_per_s`` and ``bound_images_per_s`` are the
-  medians of each. ``floor_ratio`` is the same ratio for :class:`LightningFloor`, a bare
+  the same process and on the same networks, batches and precision, the **bound**, of one of two kinds
+  (the record's ``bound`` field, the table's ``bound`` column):
+
+  - ``"plain torch"`` (the rows with a hand-written bound): the same computation in plain torch,
+    nothing of Lightning and none of our bookkeeping (metrics, logging, the non-finite check, per-step
+    seeding).
+  - ``"method step"`` (:func:`method_step_bound`, the generic row of every other method): the method's
+    own ``training_losses`` called on the batch outside Lightning, then backward and the optimiser
+    step. It is not an independent reimplementation: whatever ``training_losses`` itself computes (a
+    part computed only to be logged, say) is in the bound too, so ``ratio`` measures only what
+    Lightning's loop and our ``training_step`` bookkeeping add around that method's losses.
+
+  A plain-torch bound does per step (:class:`Bound`, built by the row's ``MethodBench.bound``): the
+  on-device augmentation if the method augments inside its step (PatientConsistentKD's crops, flips and
+  mixup; other methods augment in the DataLoader, outside the step), the teacher's forward pass under
+  ``inference_mode`` (or, with a teacher cache, the lookup of its logits), the trained network's forward
+  pass, the method's loss (the functions of :mod:`distill.losses`, ResidualKD's ``feature_mse``),
+  backward, the recipe's gradient clipping (if any), and the step of the method's own optimiser and
+  per-step schedule, the very objects the Trainer built from its ``configure_optimizers`` (SGD with
+  momentum and weight decay by default; PatientConsistentKD's AdamW, warm-up/cosine schedule and norm
+  clipping at 1); a ``"method step"`` bound steps those same objects too. ``ratio`` is the share of the
+  bound the method reaches: the median, over ``--repeats`` alternating measurements, of (method
+  images/s) / (bound images/s) measured back to back; ``images_per_s`` and ``bound_images_per_s`` are
+  the medians of each. ``floor_ratio`` is the same ratio for :class:`LightningFloor`, a bare
   LightningModule doing only the bound's work in the same kind of Trainer: what Lightning's own loop
   leaves of the bound, against which ``ratio`` shows what our bookkeeping adds.
 * ``fit``: the full loop, ``Trainer.fit`` with the real :class:`~distill.data.DistillDataModule`,
@@ -27,9 +37,15 @@
 * ``ddp``: ``distill fit`` in a subprocess with 1 and 2 CPU processes (``train_images_per_s`` of
   its ``results.json``).
 
-Methods plug in through :data:`METHODS`: one :class:`MethodBench` entry per row (a staged method has
-one per stage) saying how to build the module from a :class:`BenchContext` and what its plain-torch
-bound computes; the step itself is always the module's own ``training_step``.
+Methods plug in through the registry, :data:`distill.methods.METHODS`: :data:`ROWS` has, in the
+registry's order, the rows of :data:`SPECIAL_ROWS` for the methods measured in several settings or
+stages or with a hand-written plain-torch bound (Supervised, BaselineKD and its teacher cache, each
+TeacherAssistantKD and ResidualKD stage, each PatientConsistentKD teaching), and one generic row
+(:func:`generic_row`, bound ``"method step"``) for every other method, so a new method is benchmarked
+without an edit here. Each row is a :class:`MethodBench` saying how to build the module from a
+:class:`BenchContext` and what its bound computes; the step itself is always the module's own
+``training_step``. A method that needs a setting, stage or plain-torch bound of its own adds an entry
+to :data:`SPECIAL_ROWS`.
 """
 
 from __future__ import annotations
@@ -44,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -58,10 +75,11 @@ from torch import nn
 
 from distill import teacher_cache
 from distill.losses import hinton_kd_objective, kd_loss
-from distill.methods import BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised, TeacherAssistantKD
+from distill.methods import (METHODS, BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised,
+                             TeacherAssistantKD, TeacherStudentModule, TrainingBatch)
 from distill.methods.residual_kd import feature_mse
 from distill.run import child_environment
-from distill.speed import apply_speed_options, trim_loop_overhead
+from distill.callbacks import apply_speed_options
 from distill.teachers import NetworkSpec, save_network
 
 REQUIRED_KEYS = ("method", "teacher", "student", "batch_size", "device", "precision", "images_per_s",
@@ -200,21 +218,46 @@ def patient_bound(module: DistillModule, generator: torch.Generator | None = Non
     return Bound(loss, clip_norm=module.hparams.grad_clip_norm or None)
 
 
+def method_step_bound(module: DistillModule) -> Bound:
+    """The generic bound: the method's own ``training_losses`` on the batch (as a :class:`TrainingBatch`,
+    its batch index counting the bound's steps), called outside Lightning; :class:`PlainStep` adds
+    backward and the step of the method's optimiser and per-step schedule.
+
+    Not a plain-torch reimplementation of the method: it calls the very code the method's step calls,
+    so what it leaves out is only Lightning's loop and our ``training_step`` bookkeeping (metrics,
+    logging, the non-finite check), and ``ratio`` measures that overhead for this method. It does not
+    clip (the default recipe does not; a method whose recipe clips needs a row in :data:`SPECIAL_ROWS`).
+    """
+    steps = itertools.count()
+
+    def loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images, labels, indices = batch
+        return module.training_losses(TrainingBatch(images, labels, indices, next(steps)))[1]["loss"]
+    return Bound(loss)
+
+
+#: :attr:`MethodBench.bound_kind` of the hand-written bounds and of :func:`method_step_bound`.
+PLAIN_TORCH, METHOD_STEP = "plain torch", "method step"
+
+
 @dataclass(frozen=True)
 class MethodBench:
     """One row of the step benchmark.
 
     Args:
         build: makes the module, in the state whose step is measured (e.g. a TAKD stage).
-        bound: the row's plain-torch bound, from the built module (see :class:`Bound`).
+        bound: the row's bound, from the built module (see :class:`Bound`).
         teacher_role: which network of the pair teaches (``teacher``/``assistant``), for the table; None: none.
         student_role: which network of the pair is trained.
+        bound_kind: what the bound is, for the table and records: ``"plain torch"`` (a hand-written
+            computation of the method's recipe) or ``"method step"`` (:func:`method_step_bound`).
     """
 
     build: Callable[[BenchContext], DistillModule]
     bound: Callable[[DistillModule], Bound]
     teacher_role: str | None = "teacher"
     student_role: str = "student"
+    bound_kind: str = PLAIN_TORCH
 
 
 def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
@@ -222,7 +265,7 @@ def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
     def build(context: BenchContext) -> DistillModule:
         supplied = stage == "student"
         return TeacherAssistantKD(
-            context.pair.student, assistants=[context.pair.assistant],
+            student=context.pair.student, assistants=[context.pair.assistant],
             stage_epochs=[0, 10**6] if supplied else [10**6, 1],
             assistant_checkpoints=[context.network_file("assistant") if supplied else None],
             teacher=context.network_file("teacher"), **context.geometry)
@@ -231,7 +274,7 @@ def _takd_stage(stage: str) -> Callable[[BenchContext], DistillModule]:
 
 def _cached_kd(context: BenchContext) -> DistillModule:
     # The teacher's outputs for the benchmark's batches, computed once as the cache would hold them.
-    module = BaselineKD(context.pair.student, teacher=context.network_file("teacher"), **context.geometry)
+    module = BaselineKD(student=context.pair.student, teacher=context.network_file("teacher"), **context.geometry)
     module.cached_logits = _teacher_outputs(module, context)
     return module
 
@@ -246,17 +289,17 @@ def _residual_stage(stage: int) -> Callable[[BenchContext], DistillModule]:
                 return stage
 
         # a small learning rate: feature matching between random networks on noise diverges at larger ones
-        module = Pinned(context.pair.student, stage_epochs=[10**6, 10**6], teacher=context.network_file("teacher"),
+        module = Pinned(student=context.pair.student, stage_epochs=[10**6, 10**6], teacher=context.network_file("teacher"),
                         assistant=context.pair.student, assistant_kwargs={"width": 0.25}, **context.geometry,
                         optimizer=lambda params: torch.optim.SGD(params, lr=1e-5, momentum=0.9, weight_decay=5e-4))
-        module._enter_stage(stage)
+        module.enter_stage(stage)
         return module
     return build
 
 
 def _patient(teaching: str) -> Callable[[BenchContext], DistillModule]:
     def build(context: BenchContext) -> DistillModule:
-        module = PatientConsistentKD(context.pair.student, teacher=context.network_file("teacher"), teaching=teaching,
+        module = PatientConsistentKD(student=context.pair.student, teacher=context.network_file("teacher"), teaching=teaching,
                                      warmup_steps=1, **context.geometry)
         if teaching == "fixed":  # the cache as on_fit_start would load it
             module.cached_logits = _teacher_outputs(module, context)
@@ -270,21 +313,59 @@ def _teacher_outputs(module: DistillModule, context: BenchContext) -> torch.Tens
     return teacher_cache.compute(context.batches, module.teacher_logits, size, context.batches[0][0].device)
 
 
-#: Method rows, in table order. New methods add one entry per measured setting or stage, with the
-#: plain-torch bound of what that setting must compute. ``BaselineKD+cache`` looks the teacher's logits
-#: up (``cache_teacher_outputs``), so its bound has no teacher forward either.
-METHODS: dict[str, MethodBench] = {
-    "Supervised": MethodBench(lambda c: Supervised(c.pair.student, **c.geometry), supervised_bound, teacher_role=None),
-    "BaselineKD": MethodBench(lambda c: BaselineKD(c.pair.student, teacher=c.network_file("teacher"), **c.geometry),
-                              kd_bound),
-    "BaselineKD+cache": MethodBench(_cached_kd, kd_bound),
-    "TeacherAssistantKD/ta1": MethodBench(_takd_stage("ta1"), kd_bound, student_role="assistant"),
-    "TeacherAssistantKD/student": MethodBench(_takd_stage("student"), kd_bound, teacher_role="assistant"),
-    "ResidualKD/student": MethodBench(_residual_stage(0), residual_bound),
-    "ResidualKD/assistant": MethodBench(_residual_stage(1), residual_bound),
-    **{f"PatientConsistentKD/{teaching}": MethodBench(_patient(teaching), patient_bound)
-       for teaching in ("fixed", "independent", "consistent", "function_matching")},
+#: The rows of the methods that are measured in several settings or stages, or against a hand-written
+#: plain-torch bound of what that setting must compute, by method name (in the registry,
+#: :data:`distill.methods.METHODS`); each replaces the method's generic row, in table order.
+#: ``BaselineKD+cache`` looks the teacher's logits up (``cache_teacher_outputs``), so its bound has no
+#: teacher forward either.
+SPECIAL_ROWS: dict[str, dict[str, MethodBench]] = {
+    "Supervised": {
+        "Supervised": MethodBench(lambda c: Supervised(student=c.pair.student, **c.geometry), supervised_bound,
+                                  teacher_role=None),
+    },
+    "BaselineKD": {
+        "BaselineKD": MethodBench(lambda c: BaselineKD(student=c.pair.student, teacher=c.network_file("teacher"),
+                                                       **c.geometry), kd_bound),
+        "BaselineKD+cache": MethodBench(_cached_kd, kd_bound),
+    },
+    "TeacherAssistantKD": {
+        "TeacherAssistantKD/ta1": MethodBench(_takd_stage("ta1"), kd_bound, student_role="assistant"),
+        "TeacherAssistantKD/student": MethodBench(_takd_stage("student"), kd_bound, teacher_role="assistant"),
+    },
+    "ResidualKD": {
+        "ResidualKD/student": MethodBench(_residual_stage(0), residual_bound),
+        "ResidualKD/assistant": MethodBench(_residual_stage(1), residual_bound),
+    },
+    "PatientConsistentKD": {
+        f"PatientConsistentKD/{teaching}": MethodBench(_patient(teaching), patient_bound)
+        for teaching in ("fixed", "independent", "consistent", "function_matching")
+    },
 }
+
+
+def generic_row(cls: type[DistillModule]) -> MethodBench:
+    """The row of a method without special rows: the method with its defaults on the pair's student
+    (and teacher file, for a :class:`~distill.methods.TeacherStudentModule`), against the
+    ``"method step"`` bound (:func:`method_step_bound`)."""
+    teaches = issubclass(cls, TeacherStudentModule)
+
+    def build(context: BenchContext) -> DistillModule:
+        teacher = dict(teacher=context.network_file("teacher")) if teaches else {}
+        return cls(student=context.pair.student, **teacher, **context.geometry)
+    return MethodBench(build, method_step_bound, teacher_role="teacher" if teaches else None, bound_kind=METHOD_STEP)
+
+
+def method_rows(methods: dict[str, type[DistillModule]] = METHODS) -> dict[str, MethodBench]:
+    """The rows of ``methods`` (a registry), in its order: a method's :data:`SPECIAL_ROWS` if it has
+    any, else its :func:`generic_row`."""
+    rows: dict[str, MethodBench] = {}
+    for name, cls in methods.items():
+        rows.update(SPECIAL_ROWS.get(name) or {name: generic_row(cls)})
+    return rows
+
+
+#: Every row of the step benchmark, in table order (``--methods`` takes these names).
+ROWS: dict[str, MethodBench] = method_rows()
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -417,8 +498,7 @@ class LightningFloor(L.LightningModule):
     Its ``training_step`` returns the bound's loss, it clips as the bound does, and it trains the
     method's networks (a child module, so Lightning's ``train()`` reaches them and the method keeps its
     frozen networks in eval mode) with the optimiser and schedules the method's Trainer built, whose
-    state simply continues. None of our bookkeeping or callbacks run, only the cheaper no-op profiler
-    every method run gets (:func:`~distill.speed.trim_loop_overhead`). Timed against the same bound, it
+    state simply continues. None of our bookkeeping or callbacks run. Timed against the same bound, it
     gives ``floor_ratio``: the share of the bound that Lightning's automatic-optimisation loop itself
     leaves, the most a method run by this Trainer can be expected to reach.
     """
@@ -429,9 +509,6 @@ class LightningFloor(L.LightningModule):
         self.bound_loss, self.clip_norm = bound.loss, bound.clip_norm
         self.built = ([trainer.optimizers[0]],
                       [{"scheduler": c.scheduler, "interval": c.interval} for c in trainer.lr_scheduler_configs])
-
-    def setup(self, stage: str) -> None:
-        trim_loop_overhead(self.trainer)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self.bound_loss(batch)
@@ -483,7 +560,7 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
     """Measures one method row and its bound in this process; returns the JSON record."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], METHODS[spec.method]
+    device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], ROWS[spec.method]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     L.seed_everything(0, verbose=False)
@@ -519,7 +596,7 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
         "kind": "step", "method": spec.method, "pair": pair.name,
         "teacher": getattr(pair, entry.teacher_role) if entry.teacher_role else None,
         "student": getattr(pair, entry.student_role), "batch_size": spec.batch_size,
-        "device": describe_device(device), "precision": spec.precision,
+        "device": describe_device(device), "precision": spec.precision, "bound": entry.bound_kind,
         "images_per_s": round(method_ips, 2), "bound_images_per_s": round(bound_ips, 2),
         "ratio": round(_paired_ratio(timer), 4), **floor, "peak_memory_mb": round(peak_memory_mb(device), 1),
         "repeats": spec.repeats, "steps": spec.steps,
@@ -644,7 +721,7 @@ class FitSpec:
 def measure_fit(spec: FitSpec) -> dict[str, Any]:
     from distill.data import DistillDataModule
 
-    device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], METHODS[spec.method]
+    device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], ROWS[spec.method]
     L.seed_everything(0, verbose=False)
     data = DistillDataModule(dataset=spec.dataset, data_dir=spec.data_dir, batch_size=spec.batch_size,
                              num_workers=spec.num_workers, device_resident=spec.device_resident,
@@ -697,7 +774,7 @@ def measure_ddp(processes: int, batch_size: int, epochs: int, workdir: Path) -> 
 
 # ------------------------------------------------------------------------------------- the command
 def format_table(records: list[dict[str, Any]]) -> str:
-    header = ["kind", "pair / data", "method", "batch", "precision", "img/s", "bound img/s", "ratio",
+    header = ["kind", "pair / data", "method", "batch", "precision", "img/s", "bound", "bound img/s", "ratio",
               "Lightning floor", "peak MB", "data wait"]
     rows = []
     for r in records:
@@ -710,7 +787,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             where = f"{r['overhead_ms_per_step']:.2f} ms per step more than plain torch"
         fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
         rows.append([r["kind"], where, r["method"], str(r["batch_size"]), r["precision"],
-                     fmt(r["images_per_s"], ".0f"), fmt(r["bound_images_per_s"], ".0f"), fmt(r["ratio"], ".3f"),
+                     fmt(r["images_per_s"], ".0f"), r.get("bound") or "", fmt(r["bound_images_per_s"], ".0f"),
+                     fmt(r["ratio"], ".3f"),
                      fmt(r.get("floor_ratio"), ".3f"), fmt(r["peak_memory_mb"], ".0f"), fmt(r.get("data_wait_share"), ".1%")])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -723,7 +801,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="mnist5k MLPs and resnet56→resnet20, 3 repeats of 2 steps, no scaling, full loop or DDP rows")
     parser.add_argument("--pairs", nargs="*", choices=sorted(PAIRS),
                         help="teacher→student pairs of the step rows (none: no step rows)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="method rows (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=list(ROWS),
+                        help="method rows (default: all; one per method of distill.methods.METHODS, or its "
+                             "settings and stages)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--scaling-batch-sizes", type=int, nargs="*",
                         help="BaselineKD step rows at these batch sizes too (images/s against batch size)")
@@ -740,7 +820,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fit", nargs="*", metavar="DATASET", help="full-loop rows: mnist5k, cifar10-jpeg")
     parser.add_argument("--cifar-jpeg-dir", default="data/cifar10-jpeg",
                         help="the CIFAR-10 JPEG copy (ImageFolder layout) for --fit cifar10-jpeg")
-    parser.add_argument("--fit-methods", nargs="+", default=["Supervised", "BaselineKD"], choices=list(METHODS),
+    parser.add_argument("--fit-methods", nargs="+", default=["Supervised", "BaselineKD"], choices=list(ROWS),
                         help="methods of the full-loop rows")
     parser.add_argument("--fit-steps", type=int, default=30, help="training batches per epoch of full-loop rows")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the non-resident fit rows")
@@ -762,7 +842,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.pairs = (["mnist5k_mlp", "resnet56_resnet20"] if args.quick else
                       ["mnist5k_mlp", "resnet56_resnet20", "resnet32x4_resnet8x4",
                        "bit_r152x2_r50_128", "bit_r152x2_r50_224"])
-    args.methods = args.methods or list(METHODS)
+    args.methods = args.methods or list(ROWS)
     args.repeats = args.repeats or (5 if full else 3)
     args.steps = args.steps or (10 if full else 2)
     args.warmup = args.warmup if args.warmup is not None else (3 if full else 1)

@@ -90,6 +90,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
         if not Path(entry["config"]).is_file():
             raise ConfigError(f"{path}: run {entry['name']!r} names config {entry['config']}, which does not exist "
                               "(run from the repository root).")
+        _check_recipe(path, entry)
         for reference in _references(entry):
             if "/" not in reference and reference not in names:
                 raise ConfigError(f"{path}: run {entry['name']!r} uses {{model:{reference}}}, but no earlier run "
@@ -111,6 +112,16 @@ def load_spec(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: sweep {analysis.get('title')!r} has series runs {', '.join(stray)} that are "
                               "not in its `runs` (each needs an `x` there).")
     return spec
+
+
+def _check_recipe(path: Path, entry: Mapping[str, Any]) -> None:
+    """A run's config that builds on a recipe (``recipe: recipe.yaml``) whose file is missing: one error before any run."""
+    from distill.cli import recipe_arguments
+
+    try:
+        recipe_arguments(["--config", str(entry["config"])])
+    except ConfigError as err:
+        raise ConfigError(f"{path}: run {entry['name']!r}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------- running

@@ -1,0 +1,142 @@
+"""Optimisation recipes that a config can choose for any method, beyond torch's own.
+
+Every method takes ``optimizer`` and ``lr_scheduler`` as callables (in YAML a ``class_path`` and its
+``init_args``); besides ``torch.optim.*`` those can be these, big_vision's recipe (Beyer et al. 2022,
+``big_vision/utils.py``), which PatientConsistentKD uses by default::
+
+    model:
+      init_args:
+        optimizer:
+          class_path: distill.optim.DecoupledAdamW
+          init_args: {lr: 0.003, weight_decay: 1.0e-4}
+        lr_scheduler:
+          class_path: distill.optim.WarmupCosine
+          init_args: {warmup_steps: 1500}
+
+:class:`WarmupCosine` steps once per optimiser step and learns the run's length from the Trainer, so a
+shortened run (``--trainer.max_epochs 10``) still decays to 0 at its last step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import lightning as L
+import torch
+from torch import nn
+
+from distill.callbacks import scale_learning_rates
+from distill.errors import ConfigError
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
+    """big_vision's schedule as a factor of the base rate: ``min(1, s/w) · ½(1 + cos(π·clip((s−w)/(T−w))))``.
+
+    The rate is 0 at step 0 and reaches 0 again at ``total_steps`` (``None``: warm-up only) (big_vision
+    ``utils.create_learning_rate_schedule`` with ``decay_type='cosine'``, ``linear_end=0``).
+    """
+    def factor(step: int) -> float:
+        ramp = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+        if total_steps is None:
+            return ramp
+        progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warm-up for ``warmup_steps`` optimiser steps, then cosine decay to 0 at ``total_steps``.
+
+    Args:
+        warmup_steps: steps of linear warm-up from 0 (official configs: 5,000 on ImageNet, 1,500 on the
+            small data sets).
+        total_steps: the step at which the rate reaches 0; ``None`` = the run's length, filled in by
+            :meth:`distill.methods.DistillModule.configure_optimizers` from the Trainer (without a Trainer
+            the schedule only warms up).
+    """
+
+    #: Stepped every optimiser step, whatever the method's ``lr_scheduler_interval`` says.
+    interval = "step"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int | None = None,
+                 last_epoch: int = -1) -> None:
+        if warmup_steps < 0:
+            raise ConfigError(f"WarmupCosine warmup_steps={warmup_steps} must be >= 0.")
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        super().__init__(optimizer, last_epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length in optimiser steps (once, before the first step)."""
+        if self.warmup_steps > total_steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} exceeds the run's {total_steps} optimiser steps; "
+                              "lower warmup_steps or train longer.")
+        self.total_steps = total_steps
+
+    def get_lr(self) -> list[float]:
+        factor = warmup_cosine(self.warmup_steps, self.total_steps)(self.last_epoch)
+        return [base * factor for base in self.base_lrs]
+
+
+def decay_groups(params: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(weights, rest)``: tensors of two or more dimensions (conv kernels, linear weights) decay;
+    norms' scales and shifts and all biases (one dimension) do not — big_vision's default
+    ``wd_mults = [('.*/kernel$', 1.0)]``."""
+    params = [p for p in params if p.requires_grad]
+    return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+
+
+class DecoupledAdamW(torch.optim.AdamW):
+    """Adam with big_vision's decoupled weight decay, on weights only (:func:`decay_groups`).
+
+    big_vision's update is ``−sched(t)·(lr·adam(g) + wd·θ)``: the decay is scaled by the schedule factor but
+    **not** by the base rate. torch's ``AdamW`` subtracts ``lr_t·λ·θ`` with ``lr_t = lr·sched(t)``, so each
+    step sets ``λ = weight_decay / lr`` with ``lr`` the group's base rate (after any ``LRScaling``, so that
+    scaling the rate leaves the decay alone), which reproduces big_vision's update exactly.
+
+    Args:
+        params: the parameters (a flat iterable; they are split into decaying and not here).
+        lr: Adam's base learning rate.
+        weight_decay: big_vision's ``wd``, the decay per step at schedule factor 1.
+        betas, eps: Adam's, default as big_vision's ``scale_by_adam`` (optax defaults).
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float = 0.003, weight_decay: float = 1e-4,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        if not lr > 0 or weight_decay < 0:
+            raise ConfigError(f"DecoupledAdamW needs lr > 0 and weight_decay >= 0; got lr={lr}, "
+                              f"weight_decay={weight_decay}.")
+        weights, rest = decay_groups(params)
+        super().__init__([{"params": weights, "decoupled_wd": weight_decay}, {"params": rest, "decoupled_wd": 0.0}],
+                         lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            base_lr = group.get("initial_lr", group["lr"])  # schedulers record the base rate as initial_lr
+            group["weight_decay"] = group["decoupled_wd"] / base_lr
+        return super().step(closure)
+
+
+def lightning_optimization(params: list[nn.Parameter], optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+                           lr_scheduler: Callable[[torch.optim.Optimizer], Any], trainer: L.Trainer | None,
+                           interval: str, schedule_steps: Callable[[], int]) -> Any:
+    """What ``configure_optimizers`` returns: the optimiser built from ``optimizer``, its learning rates scaled
+    by the Trainer's :class:`~distill.callbacks.LRScaling` (before the scheduler exists, so that it takes the
+    scaled rate as its base rate), and the schedule, told the run's length if it asks (:class:`WarmupCosine`)."""
+    built = optimizer(params)
+    scale_learning_rates(trainer, built)
+    scheduler = lr_scheduler(built)
+    if scheduler is None:
+        return built
+    if getattr(scheduler, "total_steps", 0) is None and trainer is not None:
+        scheduler.set_total_steps(schedule_steps())
+    config = {"scheduler": scheduler, "interval": getattr(scheduler, "interval", interval)}
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        config["monitor"] = "val/acc"
+    return {"optimizer": built, "lr_scheduler": config}
+
+
+__all__ = ["lightning_optimization", "warmup_cosine", "WarmupCosine", "decay_groups", "DecoupledAdamW"]
