@@ -270,3 +270,31 @@ def test_trainer_gradient_clipping_applies_to_every_method(tmp_path, clip):
                            gradient_clip_val=clip)
     trainer.fit(model, datamodule=fake_datamodule())
     assert norms and (norms[0] <= 0.5 + 1e-4 if clip else norms[0] > 10)
+
+
+def test_each_method_declares_only_its_own_arguments():
+    """Issue 17: a method's constructor lists only what differs from its base class; the student, the teacher,
+    the sizes and the optimiser come through **kwargs (so --help, --print_config and checkpoints still see them)."""
+    import inspect
+
+    from distill.methods import METHODS, DistillModule, TeacherStudentModule
+
+    def own(cls: type) -> set[str]:
+        return {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    shared = set(inspect.signature(DistillModule.__init__).parameters) | own(TeacherStudentModule)
+    for name, cls in METHODS.items():
+        parameters = inspect.signature(cls.__init__).parameters
+        assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()), name
+        assert not own(cls) & shared, (name, own(cls) & shared)
+
+
+def test_help_of_one_method_lists_its_own_and_the_inherited_arguments(capsys):
+    from distill.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "DKD"])
+    text = capsys.readouterr().out
+    for argument in ("--model.beta", "--model.warmup_epochs", "--model.teacher", "--model.student", "--model.optimizer"):
+        assert argument in text, argument

@@ -1,16 +1,12 @@
 """What every method shares: the trained network, metrics, logging, the optimiser and its schedule.
 
-A method subclasses :class:`DistillModule` (or :class:`~distill.methods.TeacherStudentModule` when a
-frozen teacher teaches, or :class:`~distill.methods.StagedModule` when it trains in stages), declares
-only its own arguments (the rest pass through ``**kwargs``) and implements :meth:`training_losses`,
-which returns the student's logits and a dict of named loss parts with the total under ``"loss"``
-(mdistiller's convention). Everything else — logging each part as ``train/<part>``, accuracy and
-teacher–student agreement metrics, the optimiser and schedule from the config — lives here once.
+A method subclasses :class:`DistillModule` (or ``TeacherStudentModule``, ``StagedModule``), declares only its
+own arguments (the rest pass through ``**kwargs``) and implements :meth:`DistillModule.training_losses`: the
+student's logits and named loss parts, the total under ``"loss"`` (mdistiller's convention).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +25,6 @@ from distill.optim import lightning_optimization
 from distill.reliability import RunGuard
 from distill.reliability.nonfinite import all_finite, nonfinite_loss_error
 from distill.teachers import NetworkSpec
-
-# Lightning warns when modules are in eval mode as training starts; a frozen teacher always is.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# Returning None from training_step is how `nonfinite_loss = "skip"` skips a batch.
-warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
-
 
 @dataclass
 class TrainingBatch:
@@ -58,13 +48,11 @@ class DistillModule(L.LightningModule):
         num_classes: number of classes; the CLI links it from the DataModule.
         in_channels: image channels; linked from the DataModule.
         image_size: input resolution; linked from the DataModule (MLPs need it).
-        optimizer: the optimiser, as a callable taking the parameters (in YAML a ``class_path`` such as
-            ``torch.optim.SGD`` or ``distill.optim.DecoupledAdamW`` with ``init_args``). Default: the
-            method's :meth:`default_optimizer` (SGD, lr 0.05, momentum 0.9, weight decay 5e-4:
-            RepDistiller's CIFAR recipe).
-        lr_scheduler: a callable taking the optimiser (e.g. ``torch.optim.lr_scheduler.MultiStepLR`` or
-            ``distill.optim.WarmupCosine``); default: the method's :meth:`default_lr_scheduler` (none: a
-            constant rate). Stepped every epoch unless ``lr_scheduler_interval`` is ``"step"``.
+        optimizer: a callable taking the parameters (in YAML a ``class_path`` such as ``torch.optim.SGD`` or
+            ``distill.optim.DecoupledAdamW``, with ``init_args``); default: :meth:`default_optimizer`.
+        lr_scheduler: a callable taking the optimiser (``torch.optim.lr_scheduler.MultiStepLR``,
+            ``distill.optim.WarmupCosine``, ...); default: :meth:`default_lr_scheduler`. Stepped every epoch
+            unless ``lr_scheduler_interval`` is ``"step"`` (WarmupCosine: every step).
         lr_scheduler_interval: ``"epoch"`` or ``"step"``.
     """
 
@@ -201,10 +189,8 @@ class DistillModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        accuracy = self.metrics.accuracy("val").compute()
+        accuracy, best = self.metrics.end_validation()
         self.last_validation = (self.global_step, accuracy)
-        self.metrics.best(accuracy)
-        best = self.metrics.best.compute()
         self.log(f"{self.log_prefix}val/acc_best", best, sync_dist=True)
         self.log("hp_metric", best, sync_dist=True)
 

@@ -32,6 +32,12 @@ class EvaluationMetrics(nn.Module):
     def accuracy(self, stage: str = "val") -> Metric:
         return getattr(self, stage)["acc"]
 
+    def end_validation(self) -> tuple[Tensor, Tensor]:
+        """The validation accuracy of the epoch that ends, and the best so far including it."""
+        accuracy = self.accuracy("val").compute()
+        self.best(accuracy)
+        return accuracy, self.best.compute()
+
     def update(self, stage: str, logits: Tensor, labels: Tensor, teacher_logits: Tensor | None,
                log: Callable[..., Any], prefix: str) -> None:
         """Updates ``stage``'s metrics with one batch and logs each as ``<prefix><stage>/<name>``."""

@@ -29,20 +29,8 @@ VIEWS = ("student", "student_assistant")
 
 
 def _weighted_sum(weights: list[float], terms: list[Tensor]) -> Tensor:
-    """``Σ wᵢ·termᵢ``; a single weight of 1 (M.1, M.3) is the term itself (the same value and gradient,
-    without two more ops in the step)."""
-    if weights == [1.0]:
-        return terms[0]
+    """``Σ wᵢ·termᵢ`` over the matched blocks (a single weight of 1 for M.1 and M.3)."""
     return sum(w * term for w, term in zip(weights, terms))
-
-
-def _total(terms: Any) -> Tensor:
-    """The sum of loss terms, without ``sum()``'s leading ``0 +`` (one op less per step, same value)."""
-    total: Tensor | None = None
-    for term in terms:
-        total = term if total is None else total + term
-    assert total is not None
-    return total
 
 
 class StudentAlone(nn.Module):
@@ -317,7 +305,7 @@ class ResidualKD(StagedModule):
         residual = teacher[-1] - s_final.detach()
         residual_norm = mean_norm(residual)
         remaining_norm = residual_norm if a_final is None else mean_norm(residual - a_final.detach())
-        return logits, {"loss": _total(losses.values()), **losses, "residual_norm": residual_norm,
+        return logits, {"loss": sum(losses.values()), **losses, "residual_norm": residual_norm,
                         "remaining_norm": remaining_norm}
 
     def _stage_view(self) -> str:

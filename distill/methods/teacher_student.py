@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
 import torch
@@ -12,6 +13,9 @@ from distill import teacher_cache
 from distill.errors import CheckpointError, ConfigError
 from distill.methods.base import DistillModule
 from distill.teachers import load_network
+
+# Lightning warns when modules are in eval mode as training starts; a frozen teacher always is.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 #: State-dict prefix of the teacher, which checkpoints never store (they record where it came from).
 TEACHER_PREFIX = "teacher."

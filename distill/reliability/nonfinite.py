@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import lightning as L
 import torch
 from torch import Tensor
 
 from distill.errors import NonFiniteLossError
+
+# Returning None from training_step is how `nonfinite_loss = "skip"` skips a batch.
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 def all_finite(loss: Tensor, trainer: L.Trainer | None) -> bool:
