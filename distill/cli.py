@@ -13,10 +13,12 @@ after ``fit`` tests the best-validation checkpoint; and reports user errors in o
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -24,10 +26,25 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from distill.data import DistillDataModule
 from distill.errors import ConfigError, DistillError
-from distill.methods import DistillModule
+from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, preemptible_after_training
 from distill.run import RUN_DIR_ENV, finish_fit, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load
+
+class _QuietConsole(logging.Filter):
+    """Drops Lightning's console lines that tell a distill user nothing: advertising tips, and the note that a
+    method's own callbacks (its ModelCheckpoint, ...) replace the Trainer's defaults, which they are meant to."""
+
+    NOISE = ("💡 Tip:", "callbacks returned in `LightningModule.configure_callbacks` will override")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_QuietConsole())
+# torch >= 2.10 deprecates a pytree class that Lightning 2.6 still checks for, once per run
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 #: The first line of a config that LightningCLI wrote out (``--print_config``, a run's ``config.yaml``).
 RESOLVED_CONFIG_MARK = "# lightning.pytorch=="
@@ -99,10 +116,16 @@ class DistillCLI(LightningCLI):
                 and isinstance(self.datamodule, DistillDataModule):
             self.model.check_training_data(self.datamodule.augment)  # before a run directory is claimed
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if isinstance(self.model, StagedModule) and "max_epochs" not in kwargs:
+            kwargs["max_epochs"] = staged_max_epochs(self.model, trainer_config.get("max_epochs"))
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             run_dir = self._run_dir()
             kwargs["logger"] = run_loggers(trainer_config.get("default_root_dir") or "runs", "", run_dir,
                                            resume=self._resumed_run_dir() == run_dir)
+            if trainer_config.get("fast_dev_run"):
+                # Lightning runs fast_dev_run without loggers, so its files would land in default_root_dir
+                # itself: give it the run's own directory instead
+                kwargs["default_root_dir"] = str(run_dir)
         return super().instantiate_trainer(**kwargs)
 
     def _resumed_run_dir(self) -> Path | None:
@@ -167,6 +190,24 @@ class ResumeAwareSaveConfig(SaveConfigCallback):
             self.config_filename = next(f"config.resume-{n}.yaml" for n in range(1, len(taken) + 2)
                                         if f"config.resume-{n}.yaml" not in taken)
         super().setup(trainer, pl_module, stage)
+
+
+def staged_max_epochs(model: StagedModule, max_epochs: int | None) -> int:
+    """A staged run's ``trainer.max_epochs``: ``sum(stage_epochs)`` (the run stops after its last stage), and one
+    clear error, before anything is written, when the Trainer is set shorter than the stages."""
+    total = model.total_epochs
+    if max_epochs is not None and 0 <= max_epochs < total:
+        raise ConfigError(f"trainer.max_epochs = {max_epochs} is shorter than the stages, sum(stage_epochs) = "
+                          f"{list(model.hparams.stage_epochs)} = {total} epochs; to shorten a staged run, shorten "
+                          f"its stages (e.g. --model.init_args.stage_epochs "
+                          f"{_shortened(model.hparams.stage_epochs, max_epochs)}): trainer.max_epochs follows them.")
+    return total
+
+
+def _shortened(stage_epochs: list[int], budget: int) -> list[int]:
+    """``stage_epochs`` scaled down to about ``budget`` epochs in all, every trained stage keeping one at least."""
+    total = sum(stage_epochs)
+    return [0 if epochs == 0 else max(1, epochs * budget // total) for epochs in stage_epochs]
 
 
 def recipe_arguments(args: list[str]) -> list[str]:

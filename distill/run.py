@@ -85,8 +85,11 @@ def run_loggers(root: str | Path, name: str, version_dir: Path | None = None, re
     """
     version_dir = version_dir or next_version_dir(root, name)
     save_dir, name, version = str(version_dir.parent.parent), version_dir.parent.name, version_dir.name
+    number = re.fullmatch(r"version_(\d+)", version)
+    # an integer version is the same directory (Lightning names it version_N) and shows as v_num=N, not "on_N"
+    version = int(number.group(1)) if number else version
     return [
-        TensorBoardLogger(save_dir=save_dir, name=name, version=version, default_hp_metric=False),
+        TensorBoardLogger(save_dir=save_dir, name=name, version=version),
         (_AppendingCSVLogger if resume else CSVLogger)(save_dir=save_dir, name=name, version=version),
     ]
 
@@ -160,6 +163,9 @@ def finish_fit(
     for name in model.evaluation_stages():  # staged methods: every stage's network, the last one final
         record = dict(model.select_stage(name))
         stage_metrics = _test(trainer, model, datamodule, None)
+        if trainer.is_global_zero:  # one line per stage instead of a table each
+            print(f"stage {name}: best val acc {_fmt(record.get('best_val_acc'))}, "
+                  f"test acc {_fmt(stage_metrics.get(f'{name}/test/acc'))}")
         stages.append({**record, "test_acc": stage_metrics.get(f"{name}/test/acc"), "test": stage_metrics})
     if stages:
         test_metrics = {k.split("/", 1)[1]: v for k, v in stages[-1]["test"].items()}
@@ -168,7 +174,7 @@ def finish_fit(
         # the final weights first: testing the best checkpoint loads it into the module
         separate = bool(model.report_end_of_schedule and best_path)
         end_metrics = _test_final_weights(trainer, model, datamodule) if separate else None
-        test_metrics = _test(trainer, model, datamodule, best_path or None)
+        test_metrics = _test(trainer, model, datamodule, best_path or None, verbose=True)
         best_score = checkpoint.best_model_score if checkpoint is not None else None
         if model.report_end_of_schedule:  # without a best checkpoint, the test above was of the final weights
             end_of_schedule = _end_of_schedule(trainer, model, fit_epochs, end_metrics if separate else test_metrics)
@@ -201,13 +207,19 @@ def finish_fit(
         save_network(model.student_network(), model.student_spec, run_dir / EXPORT_FILE,
                      best_val_acc=results["best_val_acc"], test_acc=results["test_acc"])
         write_json_atomic(run_dir / RESULTS_FILE, results)
-        _point_latest(run_dir)
+        if not trainer.fast_dev_run:  # a smoke test is no run for `latest` (a later config's teacher) to name
+            _point_latest(run_dir)
     return results
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
 def _test(trainer: L.Trainer, model: DistillModule, datamodule: L.LightningDataModule,
-          ckpt_path: str | None) -> dict[str, Any]:
-    metrics = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+          ckpt_path: str | None, verbose: bool = False) -> dict[str, Any]:
+    """``verbose``: Lightning's table of the test metrics on the console (the run's own test, not the extras)."""
+    metrics = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=verbose)
     return {k: _plain(v) for k, v in (metrics[0] if metrics else {}).items()}
 
 

@@ -232,3 +232,36 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert [r.name for r in runs] == ["version_0"]  # both processes logged into one run directory
     results = json.loads((runs[0] / "results.json").read_text())
     assert str(results["config"]["trainer"]["devices"]) == "2" and 0.0 < results["test_acc"] <= 1.0
+
+
+def test_fast_dev_run_writes_into_its_own_version_directory_and_leaves_latest_alone(tmp_path):
+    from distill.cli import main
+
+    args = ["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.dataset", "fake",
+            "--data.image_size", "8", "--data.in_channels", "1", "--data.fake_sizes", "[64, 32, 32]",
+            "--trainer.enable_progress_bar", "false"]
+    main([*args, "--trainer.fast_dev_run", "1"])
+    run_dir = Path("runs/fake/supervised-mlp_30_30/version_0")
+    assert (run_dir / "results.json").is_file() and (run_dir / "model.safetensors").is_file()
+    assert sorted(p.name for p in Path("runs").iterdir()) == ["fake"]  # nothing in the runs root itself
+    assert not (run_dir.parent / "latest").exists()  # a smoke test is not the newest finished run
+    main([*args, "--trainer.max_epochs", "1"])
+    assert (run_dir.parent / "latest").resolve() == (run_dir.parent / "version_1").resolve()
+
+
+def test_a_fit_prints_a_quiet_console_an_integer_v_num_and_the_test_table(tmp_path, caplog, capsys):
+    import logging
+
+    from distill.cli import main
+
+    with caplog.at_level(logging.INFO):
+        cli = main(["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.dataset", "fake",
+                    "--data.image_size", "8", "--data.in_channels", "1", "--data.fake_sizes", "[64, 32, 32]",
+                    "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "GPU available" in logged  # Lightning's own lines still come through
+    assert "💡 Tip" not in logged and "will override existing callbacks" not in logged
+    assert [logger.version for logger in cli.trainer.loggers] == [0, 0]  # v_num=0, not "on_0"
+    assert Path(cli.trainer.log_dir) == Path("runs/fake/supervised-mlp_30_30/version_0")
+    out = capsys.readouterr().out
+    assert "Test metric" in out and "test/acc" in out  # Lightning's table of the run's own test

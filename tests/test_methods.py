@@ -298,3 +298,26 @@ def test_help_of_one_method_lists_its_own_and_the_inherited_arguments(capsys):
     text = capsys.readouterr().out
     for argument in ("--model.beta", "--model.warmup_epochs", "--model.teacher", "--model.student", "--model.optimizer"):
         assert argument in text, argument
+
+
+def test_tensorboard_events_hold_the_hparams_summary_with_the_method_and_hp_metric(tmp_path, teacher_file):
+    """TensorBoard's HPARAMS tab reads a session summary from the events files: the run's hyperparameters
+    (the method's name included) and hp_metric, the best validation accuracy."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(kd_module(teacher_file), datamodule=fake_datamodule())
+    sessions, hp_metric = [], []
+    for events in (tmp_path / "run" / "version_0").glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    if data.HasField("session_start_info"):
+                        sessions.append(data.session_start_info.hparams)
+                elif value.tag == "hp_metric":
+                    hp_metric.append(value.tensor.float_val[0] if value.tensor.float_val else value.simple_value)
+    assert sessions and sessions[0]["method"].string_value == "BaselineKD"
+    assert sessions[0]["temperature"].number_value == 4.0
+    assert hp_metric and 0.0 <= hp_metric[-1] <= 1.0  # the best validation accuracy, after the -1 placeholder

@@ -204,3 +204,9 @@ def test_stage_table_one_row_per_stage_with_seed_statistics(tmp_path):
     assert report.stage_table([plain]) == ""
     markdown = report.write_report(runs, tmp_path / "out", metrics=())[0].read_text()
     assert "## Stages" in markdown and "| TeacherAssistantKD | ta1 | mlp_300_300 |" in markdown
+
+
+def test_a_results_file_in_a_folder_of_runs_hides_none_of_them(runs_root):
+    """A stray results.json above real runs (once written by fast_dev_run into runs/) hides nothing below it."""
+    (runs_root / "results.json").write_text((runs_root / "mnist5k" / "kd" / "version_0" / "results.json").read_text())
+    assert len(report.load_runs(runs_root)) == 5  # the four runs and the stray file's folder

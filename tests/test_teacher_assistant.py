@@ -135,6 +135,22 @@ def test_max_epochs_shorter_than_the_path(tmp_path, mlp_teacher):
         tiny_trainer(tmp_path, max_epochs=3).fit(path_module(mlp_teacher), datamodule=fake_datamodule(**FAKE))
 
 
+def test_cli_derives_max_epochs_from_the_stages_and_rejects_a_shorter_one_before_writing(tmp_path, mlp_teacher, capsys):
+    from distill.cli import main
+
+    args = ["fit", "--model", "TeacherAssistantKD", "--model.student", "mlp_30_30", "--model.assistants", "[mlp_300_300]",
+            "--model.stage_epochs", "[2, 1]", "--model.teacher", str(mlp_teacher), "--data.dataset", "fake",
+            "--data.image_size", "8", "--data.in_channels", "1", "--data.fake_sizes", "[64, 32, 32]",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--trainer.max_epochs", "2"])
+    assert stop.value.code == 2 and "--model.init_args.stage_epochs [1, 1]" in capsys.readouterr().err
+    assert not Path("runs").exists()  # nothing written
+    cli = main([*args, "--trainer.max_epochs", "50"])  # longer than the stages: they decide
+    assert cli.trainer.max_epochs == 3 and cli.trainer.current_epoch == 3
+    assert [stage["epochs"] for stage in cli.results["stages"]] == [2, 1]
+
+
 def test_two_stage_path_under_ddp(tmp_path):
     teacher = write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
     command = [str(Path(sys.executable).with_name("distill")), "fit", "--config", str(REPO / "configs/mnist5k/takd.yaml"),

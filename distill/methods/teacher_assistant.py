@@ -29,7 +29,8 @@ class TeacherAssistantKD(StagedModule):
     logs under its own prefix (``ta1/val/acc``, ``student/val/acc``), keeps its best-validation weights,
     starts the next stage from them (not from its last weights) and exports them to
     ``<run_dir>/stages/<stage>.safetensors``, a file that works as the ``teacher`` of any method.
-    ``trainer.max_epochs`` must be at least ``sum(stage_epochs)``; the run stops there.
+    The run stops after the last stage; ``distill fit`` sets ``trainer.max_epochs`` to ``sum(stage_epochs)`` and
+    rejects a shorter one before anything is written (shorten a run through ``stage_epochs``).
 
     Args:
         assistants: zoo names of the TAs, largest first (the path's order); ``[]`` is plain KD.

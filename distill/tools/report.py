@@ -67,13 +67,13 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def _find_run_dirs(root: Path) -> list[Path]:
-    """Directories holding ``results.json`` below ``root``; ``latest`` symlinks are not followed
-    (they point at a version that the walk finds anyway)."""
+    """Directories holding ``results.json`` at or below ``root``, at any depth (a stray ``results.json`` in
+    a folder of runs hides none of them); ``latest`` symlinks are not followed (they point at a version that
+    the walk finds anyway)."""
     found = []
-    for directory, subdirs, files in os.walk(root, followlinks=False):
+    for directory, _, files in os.walk(root, followlinks=False):
         if RESULTS_FILE in files:
             found.append(Path(directory))
-            subdirs[:] = []  # a run directory holds no further runs
     return sorted(found, key=_natural_key)
 
 
@@ -112,12 +112,7 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
         if not path.exists():
             raise ConfigError(f"{path} does not exist; give run directories (runs/<name>/version_N) "
                               "or a folder of runs.")
-        if (path / RESULTS_FILE).is_file():
-            run_dirs = [path]
-        elif path.is_dir():
-            run_dirs = _find_run_dirs(path)
-        else:
-            run_dirs = []
+        run_dirs = _find_run_dirs(path) if path.is_dir() else []
         if not run_dirs:
             raise DistillError(
                 f"no finished run in {path}: no {RESULTS_FILE} there or below it (a run writes it when "
