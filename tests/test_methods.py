@@ -321,3 +321,20 @@ def test_tensorboard_events_hold_the_hparams_summary_with_the_method_and_hp_metr
     assert sessions and sessions[0]["method"].string_value == "BaselineKD"
     assert sessions[0]["temperature"].number_value == 4.0
     assert hp_metric and 0.0 <= hp_metric[-1] <= 1.0  # the best validation accuracy, after the -1 placeholder
+
+
+def test_the_learning_rate_of_each_logged_step_is_logged(tmp_path):
+    """With a warm-up, the per-epoch `lr` hides the ramp; `lr_step` shows the rate each logged step used."""
+    import csv
+    from functools import partial
+
+    from distill.methods import Supervised
+    from distill.optim import WarmupCosine
+
+    model = Supervised(student="mlp_30_30", num_classes=10, in_channels=3, image_size=16,
+                       optimizer=partial(torch.optim.SGD, lr=0.4), lr_scheduler=partial(WarmupCosine, warmup_steps=2))
+    tiny_trainer(tmp_path, max_epochs=2, log_every_n_steps=1).fit(model, datamodule=fake_datamodule())
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("lr_step")]
+    rates = [float(row["lr_step"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
+    assert rates[:2] == pytest.approx([0.0, 0.2]) and len(rates) == 6  # 3 batches a epoch, warm-up over 2 steps

@@ -153,6 +153,8 @@ class DistillModule(L.LightningModule):
             if written or (progress_bar and name == "loss"):
                 self.log(f"{prefix}{name}_step", value.detach(), on_step=True, on_epoch=False,
                          prog_bar=progress_bar and name == "loss", batch_size=images.shape[0])
+        if written and trainer is not None:  # the rate as the step used it: warm-ups are visible (a float, no sync)
+            self.log("lr_step", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def log_train_epoch_metrics(self) -> None:

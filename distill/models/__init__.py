@@ -17,7 +17,8 @@ Families (one module each):
   ``mlp_30_30`` (Hinton et al.'s MNIST networks; need ``image_size``);
 * :mod:`~distill.models.external`: ``tv.<name>`` (torchvision) and ``timm.<name>`` (timm, if installed).
 
-Every network is a :class:`ClassifierModel` (see :mod:`distill.models.base` for the contract).
+Every zoo network is a :class:`ClassifierModel` (see :mod:`distill.models.base` for the contract); ``create_model``
+also builds your own network class named by its import path (``mypackage.models.MyNet``).
 New families register builders with :func:`register_model`.
 """
 

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
+
+from torch import nn
 
 from distill.errors import ConfigError, UnknownNameError
 from distill.models.base import ClassifierModel
@@ -124,6 +127,38 @@ def scale_widths(widths: Sequence[int], width: float) -> list[int]:
     return [max(1, round(int(c) * float(width))) for c in widths]
 
 
+def imported_builder(path: str) -> Builder:
+    """A network class (or function) named by its import path, ``"mypackage.models.MyNet"``, as a builder.
+
+    It is called with ``num_classes`` and the model options (``student_kwargs``), and with ``in_channels`` and
+    ``image_size`` where its signature takes them (or ``**kwargs``); it must return a ``torch.nn.Module`` that maps
+    images to logits. Subclass :class:`~distill.models.base.ClassifierModel` (``forward_features`` and
+    ``forward_head``) for ResidualKD and for :class:`~distill.callbacks.SpeedOptions`, which find networks by it.
+    """
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"model {path!r}: cannot import {module_name!r} ({err}); a model is a registered name "
+                          "(distill.models.list_models()) or the import path of your own network class, with its "
+                          "package on PYTHONPATH.") from None
+    target = getattr(module, attribute, None)
+    if not callable(target):
+        raise ConfigError(f"model {path!r}: {module_name} has no class or function {attribute!r}.")
+    takes = inspect.signature(target).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
+
+    def build(num_classes: int, in_channels: int, image_size: int | None, **options: Any) -> nn.Module:
+        sizes = {key: value for key, value in (("in_channels", in_channels), ("image_size", image_size))
+                 if open_ended or key in takes}
+        try:
+            return target(num_classes=num_classes, **sizes, **options)
+        except TypeError as err:  # an option the class does not take, or one it needs
+            raise ConfigError(f"model {path!r}: {err}") from None
+
+    return build
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -131,11 +166,12 @@ def create_model(
     image_size: int | None = None,
     pretrained: bool = False,
     **kwargs: Any,
-) -> ClassifierModel:
-    """Builds a network of the zoo (or ``tv.<name>``/``timm.<name>``) by name.
+) -> nn.Module:
+    """Builds a network of the zoo (or ``tv.<name>``/``timm.<name>``, or your own class) by name.
 
     Args:
-        name: a name from :func:`list_models`, ``tv.<torchvision name>`` or ``timm.<timm name>``.
+        name: a name from :func:`list_models`, ``tv.<torchvision name>``, ``timm.<timm name>``, or the import
+            path of your own network class (:func:`imported_builder`).
         num_classes: size of the logits.
         in_channels: image channels (1 for grey-scale data).
         image_size: input resolution; required by the MLPs (their input layer depends on it), ignored
@@ -159,6 +195,8 @@ def create_model(
         model = create(name[len(prefix):], num_classes, in_channels, image_size, pretrained, **kwargs)
     else:
         builder = _REGISTRY.get(name)
+        if builder is None and "." in name:
+            builder = imported_builder(name)
         if builder is None:
             raise unknown_name_error(name, list(_REGISTRY))
         _check_options(name, builder, kwargs)
@@ -168,5 +206,7 @@ def create_model(
                 "have); train it first and load the checkpoint instead."
             )
         model = builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} built a {type(model).__name__}, not a torch.nn.Module.")
     model.model_name = name
     return model
