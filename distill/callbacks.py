@@ -55,13 +55,16 @@ in the config (e.g. ``torch.optim.lr_scheduler.LinearLR``) if the scaled rate is
 
 from __future__ import annotations
 
+import csv
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from safetensors.torch import save_file
 from torch import nn
 from torch.optim import Optimizer
 
@@ -381,6 +384,39 @@ class EpochTrainingMetrics(Callback):
             log()
 
 
-__all__ = ["SpeedOptions", "EvalTeacherCache", "LRScaling", "TrainingThroughput", "EpochTrainingMetrics",
+class PredictionWriter(BasePredictionWriter):
+    """Writes what ``distill predict`` computed into ``directory``: ``predictions.csv`` (per image: its position
+    in the split, its label, the predicted class and its probability) and ``probabilities.safetensors`` (the
+    class probabilities of every image, with the positions). Under DDP each process writes its own share
+    (``predictions.rank<N>.csv``, ...)."""
+
+    def __init__(self, directory: str | None) -> None:
+        super().__init__(write_interval="epoch")
+        self.directory = Path(directory or ".")
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        outputs = [p for loader in (predictions if predictions and isinstance(predictions[0], list) else [predictions])
+                   for p in loader]
+        if not outputs:
+            return
+        probabilities = torch.cat([o["probabilities"].float().cpu() for o in outputs])
+        count = len(probabilities)
+        indices = torch.cat([o["indices"].cpu() for o in outputs]) if "indices" in outputs[0] else torch.arange(count)
+        labels = torch.cat([o["labels"].cpu() for o in outputs]) if "labels" in outputs[0] else None
+        suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        confidence, predicted = probabilities.max(dim=1)
+        with open(self.directory / f"predictions{suffix}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["index", "label", "predicted", "confidence"])
+            for row in range(count):
+                writer.writerow([int(indices[row]), "" if labels is None else int(labels[row]), int(predicted[row]),
+                                 f"{float(confidence[row]):.6f}"])
+        save_file({"probabilities": probabilities.contiguous(), "indices": indices.contiguous()},
+                  str(self.directory / f"probabilities{suffix}.safetensors"))
+
+
+__all__ = ["PredictionWriter", "SpeedOptions", "EvalTeacherCache", "LRScaling", "TrainingThroughput", "EpochTrainingMetrics",
            "apply_speed_options", "networks_of", "resolve_compile", "COMPILE_MODES", "GlobalBatch", "global_batch",
            "lr_factor", "scale_learning_rates", "describe"]

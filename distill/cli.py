@@ -24,11 +24,12 @@ from typing import Any, Iterator, Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from distill.callbacks import PredictionWriter
 from distill.data import DistillDataModule
 from distill.errors import ConfigError, DistillError
 from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, preemptible_after_training
-from distill.run import RUN_DIR_ENV, finish_fit, next_version_dir, run_loggers
+from distill.run import RUN_DIR_ENV, finish_fit, next_numbered_dir, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load
 
 class _QuietConsole(logging.Filter):
@@ -43,6 +44,9 @@ class _QuietConsole(logging.Filter):
 
 
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_QuietConsole())
+# test/predict of a run's checkpoint log into a folder inside the run; the checkpoint callback's recorded
+# dirpath then differs, which matters only to a fit
+warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
 # torch >= 2.10 deprecates a pytree class that Lightning 2.6 still checks for, once per run
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -128,10 +132,8 @@ class DistillCLI(LightningCLI):
                 kwargs["default_root_dir"] = str(run_dir)
         return super().instantiate_trainer(**kwargs)
 
-    def _resumed_run_dir(self) -> Path | None:
-        """The run directory that ``fit --ckpt_path <run_dir>/checkpoints/<file>.ckpt`` continues."""
-        if self.config.get("subcommand") != "fit":
-            return None
+    def _checkpoint_run_dir(self) -> Path | None:
+        """The run directory of ``--ckpt_path <run_dir>/checkpoints/<file>.ckpt`` (a run ``distill fit`` made)."""
         ckpt_path = self._get(self.config, "ckpt_path")
         if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
             return None
@@ -140,20 +142,30 @@ class DistillCLI(LightningCLI):
             return run_dir
         return None
 
+    def _resumed_run_dir(self) -> Path | None:
+        """The run directory that ``fit --ckpt_path <run_dir>/checkpoints/<file>.ckpt`` continues."""
+        return self._checkpoint_run_dir() if self.config.get("subcommand") == "fit" else None
+
     def _run_dir(self) -> Path:
         # DDP worker processes re-run this command: they must join rank 0's directory.
         inherited = os.environ.get(RUN_DIR_ENV)
         if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
             return Path(inherited)
-        resumed = self._resumed_run_dir()
-        if resumed is not None:  # a resumed run continues in its own directory
-            os.environ[RUN_DIR_ENV] = str(resumed)
-            return resumed
-        root = self._get(self.config, "trainer").get("default_root_dir") or "runs"
-        name = self._get(self.config, "run_name") or self._default_run_name()
-        run_dir = next_version_dir(root, name)
+        subcommand = self.config.get("subcommand")
+        evaluated = self._checkpoint_run_dir()
+        if subcommand == "fit" and evaluated is not None:  # a resumed run continues in its own directory
+            run_dir = evaluated
+        elif evaluated is not None:  # test/validate/predict of a run's checkpoint: inside that run, test_N/...
+            run_dir = next_numbered_dir(evaluated, f"{subcommand}_")
+        else:
+            root = self._get(self.config, "trainer").get("default_root_dir") or "runs"
+            name = self._get(self.config, "run_name") or self._default_run_name()
+            run_dir = next_version_dir(root, name)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         return run_dir
+
+    def before_predict(self) -> None:
+        self.trainer.callbacks.append(PredictionWriter(self.trainer.log_dir))
 
     def _default_run_name(self) -> str:
         model = self._get(self.config, "model")

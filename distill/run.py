@@ -64,17 +64,22 @@ def next_version_dir(root: str | Path, name: str) -> Path:
     existing run's directory, also when several runs of one name start at once (``distill repro --jobs``,
     a SLURM job array): each claims its directory with an exclusive ``mkdir``, and one that loses the
     race takes the next N."""
-    parent = Path(root) / name
+    return next_numbered_dir(Path(root) / name, "version_")
+
+
+def next_numbered_dir(parent: Path, prefix: str) -> Path:
+    """``parent/<prefix>N``, N one above the highest taken, claimed with an exclusive ``mkdir``."""
     parent.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in parent.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    version = max(taken, default=-1) + 1
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)")
+    taken = [int(m.group(1)) for p in parent.glob(f"{prefix}*") if (m := pattern.fullmatch(p.name))]
+    number = max(taken, default=-1) + 1
     while True:
-        claimed = parent / f"version_{version}"
+        claimed = parent / f"{prefix}{number}"
         try:
             claimed.mkdir()
             return claimed
         except FileExistsError:
-            version += 1
+            number += 1
 
 
 def run_loggers(root: str | Path, name: str, version_dir: Path | None = None, resume: bool = False) -> list[Any]:

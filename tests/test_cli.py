@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, write_teacher
@@ -265,3 +266,31 @@ def test_a_fit_prints_a_quiet_console_an_integer_v_num_and_the_test_table(tmp_pa
     assert Path(cli.trainer.log_dir) == Path("runs/fake/supervised-mlp_30_30/version_0")
     out = capsys.readouterr().out
     assert "Test metric" in out and "test/acc" in out  # Lightning's table of the run's own test
+
+
+def test_test_and_predict_write_into_the_run_they_evaluate_and_predict_saves_its_outputs(tmp_path):
+    import csv
+
+    from safetensors.torch import load_file
+
+    from distill.cli import main
+
+    fit = main(["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.dataset", "fake",
+                "--data.image_size", "8", "--data.in_channels", "1", "--data.fake_sizes", "[64, 32, 48]",
+                "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    run = Path(fit.trainer.log_dir)
+    evaluate = ["--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                "--trainer.enable_progress_bar", "false"]
+    main(["test", *evaluate])
+    main(["predict", *evaluate])
+    main(["predict", *evaluate])
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoints", "predict_0", "predict_1", "test_0"]
+    assert sorted(p.name for p in run.parent.iterdir()) == ["latest", "version_0"]  # no new version for them
+    assert "test/acc" in (run / "test_0" / "metrics.csv").read_text()
+    with open(run / "predict_1" / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    saved = load_file(str(run / "predict_1" / "probabilities.safetensors"))
+    assert len(rows) == 48 and [int(r["index"]) for r in rows] == list(range(48))  # the test split, in order
+    assert saved["probabilities"].shape == (48, 10)
+    torch.testing.assert_close(saved["probabilities"].sum(dim=1), torch.ones(48))
+    assert [int(r["predicted"]) for r in rows] == saved["probabilities"].argmax(dim=1).tolist()

@@ -199,9 +199,13 @@ class DistillModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """Class probabilities, with the images' positions and labels when the batch has them."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.active_network()(images).softmax(dim=-1)
+        output = {"probabilities": self.active_network()(images).float().softmax(dim=-1)}
+        if isinstance(batch, (tuple, list)) and len(batch) == 3:
+            output.update(labels=batch[1], indices=batch[2])
+        return output
 
     def evaluation_stages(self) -> list[str]:
         """Names of the networks a staged method tests one by one at the end of ``fit`` (none here)."""
