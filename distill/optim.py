@@ -14,7 +14,8 @@ Every method takes ``optimizer`` and ``lr_scheduler`` as callables (in YAML a ``
           init_args: {warmup_steps: 1500}
 
 :class:`WarmupCosine` steps once per optimiser step and learns the run's length from the Trainer, so a
-shortened run (``--trainer.max_epochs 10``) still decays to 0 at its last step.
+shortened run (``--trainer.max_epochs 10``) still decays to 0 at its last step; :class:`CosineAnnealing` is
+torch's epoch-wise cosine with the same property.
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         self.total_steps = total_steps
         super().__init__(optimizer, last_epoch)
 
-    def set_total_steps(self, total_steps: int) -> None:
-        """The run's length in optimiser steps (once, before the first step)."""
+    def needs_run_length(self) -> bool:
+        return self.total_steps is None
+
+    def set_run_length(self, total_steps: int) -> None:
+        """The run's (or stage's) length in optimiser steps (once, before the first step)."""
         if self.warmup_steps > total_steps:
             raise ConfigError(f"warmup_steps={self.warmup_steps} exceeds the run's {total_steps} optimiser steps; "
                               "lower warmup_steps or train longer.")
@@ -78,6 +82,34 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         factor = warmup_cosine(self.warmup_steps, self.total_steps)(self.last_epoch)
         return [base * factor for base in self.base_lrs]
+
+
+class CosineAnnealing(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """torch's ``CosineAnnealingLR`` (stepped per epoch) whose ``T_max`` defaults to the run's length in epochs (a
+    staged method's: the stage's), so a run shortened with ``--trainer.max_epochs`` still decays to ``eta_min``
+    at its end. With ``T_max`` given it is ``CosineAnnealingLR`` exactly.
+
+    Args:
+        T_max: epochs of the half cosine; ``None`` = the run's (stage's) epochs, filled in by
+            :meth:`distill.methods.DistillModule.configure_optimizers`.
+        eta_min: the rate at the end.
+    """
+
+    interval = "epoch"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, T_max: int | None = None, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        if T_max is not None and T_max < 1:
+            raise ConfigError(f"CosineAnnealing T_max={T_max} must be a positive number of epochs, or null.")
+        self._given_t_max = T_max
+        # epoch 0 is the base rate whatever T_max is; the run's length arrives before the first step
+        super().__init__(optimizer, T_max=T_max or 1, eta_min=eta_min, last_epoch=last_epoch)
+
+    def needs_run_length(self) -> bool:
+        return self._given_t_max is None
+
+    def set_run_length(self, epochs: int) -> None:
+        self.T_max = epochs
 
 
 def decay_groups(params: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -122,21 +154,23 @@ class DecoupledAdamW(torch.optim.AdamW):
 
 def lightning_optimization(params: list[nn.Parameter], optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                            lr_scheduler: Callable[[torch.optim.Optimizer], Any], trainer: L.Trainer | None,
-                           interval: str, schedule_steps: Callable[[], int]) -> Any:
+                           interval: str, run_length: Callable[[str], int]) -> Any:
     """What ``configure_optimizers`` returns: the optimiser built from ``optimizer``, its learning rates scaled
     by the Trainer's :class:`~distill.callbacks.LRScaling` (before the scheduler exists, so that it takes the
-    scaled rate as its base rate), and the schedule, told the run's length if it asks (:class:`WarmupCosine`)."""
+    scaled rate as its base rate), and the schedule, told the run's length in its own unit if it asks for it
+    (:class:`WarmupCosine`: steps, :class:`CosineAnnealing`: epochs; ``run_length("step" | "epoch")``)."""
     built = optimizer(params)
     scale_learning_rates(trainer, built)
     scheduler = lr_scheduler(built)
     if scheduler is None:
         return built
-    if getattr(scheduler, "total_steps", 0) is None and trainer is not None:
-        scheduler.set_total_steps(schedule_steps())
-    config = {"scheduler": scheduler, "interval": getattr(scheduler, "interval", interval)}
+    interval = getattr(scheduler, "interval", interval)
+    if trainer is not None and getattr(scheduler, "needs_run_length", lambda: False)():
+        scheduler.set_run_length(run_length(interval))
+    config = {"scheduler": scheduler, "interval": interval}
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = "val/acc"
     return {"optimizer": built, "lr_scheduler": config}
 
 
-__all__ = ["lightning_optimization", "warmup_cosine", "WarmupCosine", "decay_groups", "DecoupledAdamW"]
+__all__ = ["lightning_optimization", "warmup_cosine", "WarmupCosine", "CosineAnnealing", "decay_groups", "DecoupledAdamW"]

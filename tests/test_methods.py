@@ -338,3 +338,34 @@ def test_the_learning_rate_of_each_logged_step_is_logged(tmp_path):
         rows = [row for row in csv.DictReader(handle) if row.get("lr_step")]
     rates = [float(row["lr_step"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
     assert rates[:2] == pytest.approx([0.0, 0.2]) and len(rates) == 6  # 3 batches a epoch, warm-up over 2 steps
+
+
+def test_cosine_annealing_takes_its_length_from_the_run_or_the_stage(tmp_path, teacher_file):
+    """distill.optim.CosineAnnealing: torch's cosine with T_max = the run's epochs (staged: the stage's), so a
+    shortened run still ends decayed; with T_max given it is CosineAnnealingLR exactly."""
+    import csv
+    import math
+    from functools import partial
+
+    from distill.methods import Supervised, TeacherAssistantKD
+    from distill.optim import CosineAnnealing
+
+    def epoch_rates(root, model, epochs):
+        trainer = tiny_trainer(root, max_epochs=epochs)
+        trainer.fit(model, datamodule=fake_datamodule())
+        with open(root / "run" / "version_0" / "metrics.csv") as handle:
+            rates = [float(row["lr"]) for row in csv.DictReader(handle) if row.get("lr")]
+        return rates, trainer.optimizers[0].param_groups[0]["lr"]
+
+    sgd = partial(torch.optim.SGD, lr=0.4)
+    rates, final = epoch_rates(tmp_path / "a", Supervised(student="mlp_30_30", image_size=16, optimizer=sgd,
+                                                          lr_scheduler=CosineAnnealing), 3)
+    assert rates == pytest.approx([0.4 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
+    assert final == pytest.approx(0.0, abs=1e-12)  # decayed at the end of the (shortened) run
+    given, _ = epoch_rates(tmp_path / "b", Supervised(student="mlp_30_30", image_size=16, optimizer=sgd,
+                                                      lr_scheduler=partial(CosineAnnealing, T_max=6)), 3)
+    assert given == pytest.approx([0.4 * (1 + math.cos(math.pi * e / 6)) / 2 for e in range(3)])
+    staged = TeacherAssistantKD(student="resnet8", assistants=["resnet8"], stage_epochs=[2, 1], teacher=str(teacher_file),
+                                image_size=16, optimizer=sgd, lr_scheduler=CosineAnnealing)
+    rates, _ = epoch_rates(tmp_path / "c", staged, 3)
+    assert rates == pytest.approx([0.4, 0.2, 0.4])  # each stage restarts its own cosine over its own epochs

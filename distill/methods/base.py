@@ -227,15 +227,20 @@ class DistillModule(L.LightningModule):
         """The schedule when the config names none: a constant rate."""
         return None
 
-    def schedule_steps(self) -> int:
-        """Optimiser steps the schedule spans (the whole fit; staged methods: one stage)."""
+    def schedule_length(self, interval: str) -> int:
+        """Optimiser steps (``"step"``) or epochs (``"epoch"``) a schedule spans: the whole fit (staged: a stage)."""
+        if interval == "epoch":
+            if not self.trainer.max_epochs or self.trainer.max_epochs < 1:
+                raise ConfigError("the schedule takes its length from trainer.max_epochs, which is not set; set it, "
+                                  "or give the schedule its length (T_max).")
+            return int(self.trainer.max_epochs)
         return int(self.trainer.estimated_stepping_batches)
 
     def configure_optimizers(self) -> Any:
         params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
         return lightning_optimization(params, self.optimizer_factory or self.default_optimizer,
                                       self.lr_scheduler_factory or self.default_lr_scheduler, attached_trainer(self),
-                                      self.hparams.lr_scheduler_interval, self.schedule_steps)
+                                      self.hparams.lr_scheduler_interval, self.schedule_length)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -144,11 +144,13 @@ class StagedModule(TeacherStudentModule):
         if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
             rewrap_ddp(strategy)
 
-    def schedule_steps(self) -> int:
-        """A schedule spans its stage: the stage's epochs' share of the fit's optimiser steps."""
-        per_epoch = int(self.trainer.estimated_stepping_batches) // max(int(self.trainer.max_epochs or 1), 1)
+    def schedule_length(self, interval: str) -> int:
+        """A schedule spans its stage: the stage's epochs, or their share of the fit's optimiser steps."""
         start = self.stage_ends[self.stage - 1] if self.stage else 0
-        return per_epoch * (self.stage_ends[self.stage] - start)
+        epochs = self.stage_ends[self.stage] - start
+        if interval == "epoch":
+            return epochs
+        return int(self.trainer.estimated_stepping_batches) // max(int(self.trainer.max_epochs or 1), 1) * epochs
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
