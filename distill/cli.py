@@ -222,6 +222,21 @@ def _shortened(stage_epochs: list[int], budget: int) -> list[int]:
     return [0 if epochs == 0 else max(1, epochs * budget // total) for epochs in stage_epochs]
 
 
+def method_help_arguments(args: list[str]) -> list[str]:
+    """``fit --model BaselineKD --help`` → ``fit --model.help BaselineKD``: the chosen method's arguments (its own
+    and the inherited ones), which jsonargparse prints only for ``--model.help``; other arguments are kept."""
+    if not any(arg in ("--help", "-h") for arg in args):
+        return args
+    for position, arg in enumerate(args):
+        name = args[position + 1] if arg == "--model" and position + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--model=") else None)
+        if name and not name.lstrip().startswith(("{", "[")):  # a class name, not an inline config
+            rest = [a for i, a in enumerate(args) if a not in ("--help", "-h")
+                    and i not in (position, position + (arg == "--model"))]
+            return [*rest[:1], "--model.help", name]
+    return args
+
+
 def recipe_arguments(args: list[str]) -> list[str]:
     """``--config row.yaml`` → ``--config RECIPE --config row.yaml --recipe RECIPE`` when the row names a recipe.
 
@@ -337,9 +352,9 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
         with user_errors_as_exit():
             if args is None:
                 # rewritten in place: DDP launches its worker processes with sys.argv (both rewrites are idempotent)
-                sys.argv[1:] = resume_arguments(recipe_arguments(sys.argv[1:]))
+                sys.argv[1:] = resume_arguments(recipe_arguments(method_help_arguments(sys.argv[1:])))
                 return DistillCLI(args=None)
-            return DistillCLI(args=resume_arguments(recipe_arguments(list(args))))
+            return DistillCLI(args=resume_arguments(recipe_arguments(method_help_arguments(list(args)))))
     except Preempted as stop:
         print(f"distill: {stop.message}", file=sys.stderr)
         raise SystemExit(0) from None

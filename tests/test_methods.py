@@ -290,14 +290,16 @@ def test_each_method_declares_only_its_own_arguments():
         assert not own(cls) & shared, (name, own(cls) & shared)
 
 
-def test_help_of_one_method_lists_its_own_and_the_inherited_arguments(capsys):
+@pytest.mark.parametrize("args", [["--model.help", "DKD"], ["--model", "DKD", "--help"], ["--model=DKD", "-h"]])
+def test_help_of_one_method_lists_its_own_and_the_inherited_arguments(capsys, args):
     from distill.cli import main
 
     with pytest.raises(SystemExit):
-        main(["fit", "--model.help", "DKD"])
+        main(["fit", *args])
     text = capsys.readouterr().out
     for argument in ("--model.beta", "--model.warmup_epochs", "--model.teacher", "--model.student", "--model.optimizer"):
         assert argument in text, argument
+    assert "--trainer.max_epochs" not in text  # the method's help, not the whole command's
 
 
 def test_tensorboard_events_hold_the_hparams_summary_with_the_method_and_hp_metric(tmp_path, teacher_file):
