@@ -121,7 +121,9 @@ class DistillCLI(LightningCLI):
             self.model.check_training_data(self.datamodule.augment)  # before a run directory is claimed
         trainer_config = self._get(self.config_init, "trainer", default={})
         if isinstance(self.model, StagedModule) and "max_epochs" not in kwargs:
-            kwargs["max_epochs"] = staged_max_epochs(self.model, trainer_config.get("max_epochs"))
+            # the stages say how long a staged run is; a shorter Trainer is refused before anything is written
+            self.model.check_max_epochs(trainer_config.get("max_epochs"))
+            kwargs["max_epochs"] = self.model.total_epochs
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             run_dir = self._run_dir()
             kwargs["logger"] = run_loggers(trainer_config.get("default_root_dir") or "runs", "", run_dir,
@@ -204,24 +206,6 @@ class ResumeAwareSaveConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
-def staged_max_epochs(model: StagedModule, max_epochs: int | None) -> int:
-    """A staged run's ``trainer.max_epochs``: ``sum(stage_epochs)`` (the run stops after its last stage), and one
-    clear error, before anything is written, when the Trainer is set shorter than the stages."""
-    total = model.total_epochs
-    if max_epochs is not None and 0 <= max_epochs < total:
-        raise ConfigError(f"trainer.max_epochs = {max_epochs} is shorter than the stages, sum(stage_epochs) = "
-                          f"{list(model.hparams.stage_epochs)} = {total} epochs; to shorten a staged run, shorten "
-                          f"its stages (e.g. --model.init_args.stage_epochs "
-                          f"{_shortened(model.hparams.stage_epochs, max_epochs)}): trainer.max_epochs follows them.")
-    return total
-
-
-def _shortened(stage_epochs: list[int], budget: int) -> list[int]:
-    """``stage_epochs`` scaled down to about ``budget`` epochs in all, every trained stage keeping one at least."""
-    total = sum(stage_epochs)
-    return [0 if epochs == 0 else max(1, epochs * budget // total) for epochs in stage_epochs]
-
-
 def method_help_arguments(args: list[str]) -> list[str]:
     """``fit --model BaselineKD --help`` → ``fit --model.help BaselineKD``: the chosen method's arguments (its own
     and the inherited ones), which jsonargparse prints only for ``--model.help``; other arguments are kept."""
@@ -237,6 +221,47 @@ def method_help_arguments(args: list[str]) -> list[str]:
     return args
 
 
+def recipe_of(path: str | Path) -> Path | None:
+    """The recipe a config file builds on (its ``recipe:`` line, relative to the file or to the working directory),
+    or None: no such line, a file that is not there or not YAML (jsonargparse reports those in its own words), or
+    a resolved config (what ``--print_config`` prints and every run saves), which holds its recipe's values already.
+    A named recipe that does not exist is one :class:`ConfigError`."""
+    import yaml
+
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    if not text or text.startswith(RESOLVED_CONFIG_MARK):
+        return None
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    named = content.get("recipe") if isinstance(content, dict) else None
+    if not named:
+        return None
+    recipe = next((c for c in (Path(path).parent / named, Path(named)) if c.is_file()), None)
+    if recipe is None:
+        raise ConfigError(f"{path} builds on recipe {named!r}, which exists neither next to it nor "
+                          f"under {Path.cwd()}; fix the `recipe:` line, or remove it.")
+    return recipe
+
+
+def config_lines(path: str | Path) -> dict[str, Any]:
+    """What a config file and its recipe say, the file's lines over the recipe's (mappings merged key by key, as
+    ``distill fit --config`` reads them), without the defaults that ``--print_config`` adds."""
+    import yaml
+
+    def over(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(base)
+        for key, value in top.items():
+            both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = over(merged[key], value) if both else value
+        return merged
+
+    lines = yaml.safe_load(Path(path).read_text()) or {}
+    recipe = recipe_of(path)
+    return over(yaml.safe_load(recipe.read_text()) or {}, lines) if recipe is not None else lines
+
+
 def recipe_arguments(args: list[str]) -> list[str]:
     """``--config row.yaml`` → ``--config RECIPE --config row.yaml --recipe RECIPE`` when the row names a recipe.
 
@@ -245,8 +270,6 @@ def recipe_arguments(args: list[str]) -> list[str]:
     method's arguments the recipe gives (optimiser, schedule) carry over to the row's ``class_path``. The
     resolved path goes into the saved config, so that it names the recipe it was made from.
     """
-    import yaml
-
     expanded: list[str] = []
     position = 0
     while position < len(args):
@@ -259,20 +282,8 @@ def recipe_arguments(args: list[str]) -> list[str]:
             expanded.append(arg)
             position += 1
             continue
-        named = None
-        text = Path(path).read_text() if Path(path).is_file() else ""
-        # a resolved config (what --print_config prints and every run saves) holds its recipe's values already
-        if text and not text.startswith(RESOLVED_CONFIG_MARK):
-            try:
-                content = yaml.safe_load(text)
-            except yaml.YAMLError:
-                content = None  # jsonargparse reports a malformed file in its own words
-            named = content.get("recipe") if isinstance(content, dict) else None
-        if named:
-            recipe = next((c for c in (Path(path).parent / named, Path(named)) if c.is_file()), None)
-            if recipe is None:
-                raise ConfigError(f"{path} builds on recipe {named!r}, which exists neither next to it nor "
-                                  f"under {Path.cwd()}; fix the `recipe:` line, or remove it.")
+        recipe = recipe_of(path)
+        if recipe is not None:
             if expanded[-2:] != ["--config", str(recipe)]:  # not expanded already (a DDP worker's command)
                 expanded += ["--config", str(recipe)]
             expanded += args[position:position + consumed]

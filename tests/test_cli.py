@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from conftest import REPO, write_teacher
-from distill.cli import DistillCLI, main, recipe_arguments
-from test_cli_recipe import config_files, merged_config
+from distill.cli import DistillCLI, config_lines, main, recipe_arguments
+from test_cli_recipe import config_files
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 CONFIGS = REPO / "configs"
@@ -175,7 +175,7 @@ def _trained_by(teacher: str) -> str | None:
 
 def _config_overrides(config: Path, tmp_path: Path) -> list[str]:
     """Swap the config's data for generated data of the same shape, and its teacher for a generated one."""
-    text = merged_config(config)  # the config's lines over its recipe's
+    text = config_lines(config)  # the config's lines over its recipe's
     dataset = text["data"]["dataset"]
     shape = {"mnist5k": (10, 1, 28), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "imagefolder": (10, 3, 32),
              "imagenet": (1000, 3, 32)}[dataset]
@@ -201,13 +201,13 @@ RUN_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in config_files()[0] if "
 def test_every_config_parses_and_instantiates(config, tmp_path):
     path = CONFIGS / config
     cli = DistillCLI(args=[*recipe_arguments(["--config", str(path)]), *_config_overrides(path, tmp_path)], run=False)
-    expected = merged_config(path)["model"]
+    expected = config_lines(path)["model"]
     assert cli.model.__class__.__name__ == expected["class_path"].rsplit(".", 1)[-1]
     for key, value in expected["init_args"].items():
         if key not in ("teacher", "optimizer", "lr_scheduler"):
             assert cli.model.hparams[key] == value, key
     assert cli.model.configure_optimizers() is not None
-    assert cli.trainer.max_epochs == merged_config(path)["trainer"]["max_epochs"]
+    assert cli.trainer.max_epochs == config_lines(path)["trainer"]["max_epochs"]
 
 
 def test_bf16_mixed_precision_run(tmp_path):

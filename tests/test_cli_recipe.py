@@ -1,6 +1,6 @@
 """Config files that build on a recipe (`recipe: recipe.yaml`): `distill fit --config row.yaml` reads the recipe first.
 
-Also the helpers other tests use to read a config file as `distill fit` does: :func:`merged_config` (the row's
+Also the helpers other tests use to read a config file as `distill fit` does: :func:`distill.cli.config_lines` (the row's
 lines over its recipe's, no defaults) and :func:`resolved_config` (``--print_config``, every default filled in).
 """
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from distill.cli import main, recipe_arguments
+from distill.cli import config_lines, main, recipe_arguments, recipe_of
 from distill.errors import ConfigError
 
 CONFIGS = REPO / "configs"
@@ -34,23 +34,6 @@ model:
 
 
 # ----------------------------------------------------------------------------------- helpers for other tests
-def _over(base: dict, top: dict) -> dict:
-    merged = dict(base)
-    for key, value in top.items():
-        merged[key] = _over(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
-    return merged
-
-
-def merged_config(path: Path) -> dict:
-    """The lines of a config file over those of the recipe it names (what the two files say, no defaults)."""
-    row = yaml.safe_load(Path(path).read_text()) or {}
-    expanded = recipe_arguments(["--config", str(path)])
-    if expanded[1] == str(path):  # no recipe
-        return row
-    return _over(yaml.safe_load(Path(expanded[1]).read_text()) or {}, row)
-
-
 def resolved_config(path: Path, *extra: str) -> dict:
     """``distill fit --config PATH --print_config``, parsed: the config ``distill fit`` would run, defaults included."""
     out = io.StringIO()
@@ -64,8 +47,7 @@ def resolved_config(path: Path, *extra: str) -> dict:
 def config_files() -> tuple[list[Path], set[Path]]:
     """The config files under configs/ (sweep spaces excluded): the rows, and the recipes they name."""
     files = sorted(p for p in CONFIGS.rglob("*.yaml") if "sweeps" not in p.relative_to(CONFIGS).parts)
-    named = (recipe_arguments(["--config", str(p)])[1] for p in files)
-    recipes = {Path(recipe).resolve() for recipe, p in zip(named, files) if recipe != str(p)}
+    recipes = {recipe.resolve() for recipe in map(recipe_of, files) if recipe is not None}
     return [p for p in files if p.resolve() not in recipes], recipes
 
 
@@ -178,7 +160,7 @@ def test_every_recipe_is_named_by_a_row_and_holds_only_shared_lines():
 def test_every_config_resolves(config):
     """Every row under configs/ through `distill fit --print_config`, its recipe included (about a second each)."""
     resolved = resolved_config(CONFIGS / config)
-    written = merged_config(CONFIGS / config)
+    written = config_lines(CONFIGS / config)
     assert resolved["model"]["class_path"] == written["model"]["class_path"]
     assert resolved["run_name"] == written["run_name"]
     assert resolved["trainer"]["max_epochs"] == written["trainer"]["max_epochs"]

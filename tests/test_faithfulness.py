@@ -435,7 +435,7 @@ def test_patient_consistent_inputs_and_loss_follow_the_paper(tmp_path, teacher_f
     whole = augment.central_boxes(96, 16, 16)
 
     def expect(batch: TrainingBatch) -> dict[str, Any]:
-        images, labels = batch.images, batch.labels
+        images = batch.images
         seed = original_generator(batch.batch_idx).initial_seed()
         student_view, teacher_view, a = reference_views(model, images, seed)
         if teaching == "fixed":  # the teacher's output of the evaluation view, resized to its input size

@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torchvision.transforms.v2 import functional as TF

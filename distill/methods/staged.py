@@ -102,11 +102,19 @@ class StagedModule(TeacherStudentModule):
                 module.eval()  # a frozen network's BatchNorm statistics must not move either
         return self
 
+    def check_max_epochs(self, max_epochs: int | None) -> None:
+        """One clear error when the Trainer would stop before the last stage (``distill fit`` checks before
+        anything is written and then sets ``trainer.max_epochs`` to ``sum(stage_epochs)``)."""
+        total = self.total_epochs
+        if max_epochs is not None and 0 <= max_epochs < total:
+            stages = list(self.hparams.stage_epochs)
+            shortened = [0 if epochs == 0 else max(1, epochs * max_epochs // total) for epochs in stages]
+            raise ConfigError(f"trainer.max_epochs = {max_epochs} is shorter than the stages, sum(stage_epochs) = "
+                              f"{stages} = {total} epochs; to shorten a staged run, shorten its stages (e.g. "
+                              f"--model.init_args.stage_epochs {shortened}): trainer.max_epochs follows them.")
+
     def on_fit_start(self) -> None:
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 <= max_epochs < self.total_epochs:
-            raise ConfigError(f"trainer.max_epochs = {max_epochs} is less than sum(stage_epochs) = "
-                              f"{self.total_epochs}; set trainer.max_epochs to {self.total_epochs}.")
+        self.check_max_epochs(self.trainer.max_epochs)
 
     def on_train_epoch_start(self) -> None:
         stage = self._stage_for_epoch(self.current_epoch)

@@ -116,10 +116,10 @@ def load_spec(path: str | Path) -> dict[str, Any]:
 
 def _check_recipe(path: Path, entry: Mapping[str, Any]) -> None:
     """A run's config that builds on a recipe (``recipe: recipe.yaml``) whose file is missing: one error before any run."""
-    from distill.cli import recipe_arguments
+    from distill.cli import recipe_of
 
     try:
-        recipe_arguments(["--config", str(entry["config"])])
+        recipe_of(entry["config"])
     except ConfigError as err:
         raise ConfigError(f"{path}: run {entry['name']!r}: {err}") from None
 

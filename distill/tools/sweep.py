@@ -209,25 +209,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return config
 
 
-def _over(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top``'s values over ``base``'s, mappings merged key by key (how a row's lines win over its recipe's)."""
-    merged = dict(base)
-    for key, value in top.items():
-        merged[key] = _over(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
-    return merged
-
-
 def _read_config(path: Path) -> dict[str, Any]:
-    """The config file, over the recipe it names (``recipe: recipe.yaml``), as ``distill fit --config`` reads it."""
-    config = _read_yaml(path)
-    if config.get("recipe"):
-        from distill.cli import recipe_arguments  # resolves the recipe's path, or one ConfigError naming it
+    """The config file over the recipe it names (``recipe: recipe.yaml``), as ``distill fit --config`` reads it."""
+    from distill.cli import config_lines  # resolves the recipe's path, or one ConfigError naming it
 
-        expanded = recipe_arguments(["--config", str(path)])
-        if expanded[1] != str(path):  # a saved (resolved) config names its recipe but needs no expansion
-            config = _over(_read_yaml(Path(expanded[1])), config)
-    return config
+    _read_yaml(path)  # a missing or malformed file: this command's own one-line error
+    return config_lines(path)
 
 
 def default_study_name(config: dict[str, Any], config_path: Path, space_path: Path) -> str:
