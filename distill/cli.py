@@ -13,6 +13,7 @@ after ``fit`` tests the best-validation checkpoint; and reports user errors in o
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -22,14 +23,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import lightning.pytorch as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from distill.callbacks import PredictionWriter
-from distill.data import DistillDataModule
 from distill.errors import ConfigError, DistillError
 from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, preemptible_after_training
-from distill.run import RUN_DIR_ENV, finish_fit, next_numbered_dir, next_version_dir, run_loggers
+from distill.run import DISTILL_DATA_MODULE, RUN_DIR_ENV, finish_fit, next_numbered_dir, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load
 
 class _QuietConsole(logging.Filter):
@@ -56,13 +57,32 @@ RESOLVED_CONFIG_MARK = "# lightning.pytorch=="
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
+#: What a method learns from the DataModule: every DataModule ``distill fit`` trains on has these attributes.
+DATA_FACTS = ("num_classes", "in_channels", "image_size")
+
+
+def data_fact(attribute: str, datamodule: L.LightningDataModule) -> Any:
+    """``datamodule.<attribute>``, or one error saying what your own DataModule must provide."""
+    value = getattr(datamodule, attribute, None)
+    if value is None:
+        raise ConfigError(f"{type(datamodule).__name__} has no {attribute}: a DataModule that distill trains on needs "
+                          f"the attributes {', '.join(DATA_FACTS)} (ints, known when it is built) and loaders whose "
+                          "batches are (images, labels) or (images, labels, indices).")
+    return value
+
+
 class DistillCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.results: dict[str, Any] | None = None
+        # `data:` is DistillDataModule's arguments unless the command names another DataModule; only then is there
+        # no default class, since jsonargparse would carry the default's values (batch_size, ...) over to yours
+        self._data_default = None if names_own_datamodule(sys.argv[1:] if args is None else args) \
+            else DISTILL_DATA_MODULE
         super().__init__(
             DistillModule,
-            DistillDataModule,
+            L.LightningDataModule,
             subclass_mode_model=True,
+            subclass_mode_data=True,
             seed_everything_default=0,
             trainer_defaults={"default_root_dir": "runs"},
             # a run never overwrites an earlier run's config: every run has a fresh version directory
@@ -98,8 +118,11 @@ class DistillCLI(LightningCLI):
             help="A NaN/inf training loss stops the run with an error naming the step and loss part "
                  "(stop), or skips the batch and counts it in train/skipped_nonfinite (skip).",
         )
-        for attribute in ("num_classes", "in_channels", "image_size"):
-            parser.link_arguments(f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate")
+        if self._data_default is not None:
+            parser.set_defaults({"data": {"class_path": self._data_default}})
+        for attribute in DATA_FACTS:
+            parser.link_arguments("data", f"model.init_args.{attribute}", apply_on="instantiate",
+                                  compute_fn=functools.partial(data_fact, attribute))
 
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, before anything is built: a file that
@@ -116,9 +139,9 @@ class DistillCLI(LightningCLI):
             self.model.nonfinite_loss = self._get(self.config, "nonfinite_loss") or "stop"
 
     def instantiate_trainer(self, **kwargs: Any):
-        if self.config.get("subcommand") == "fit" and isinstance(self.model, DistillModule) \
-                and isinstance(self.datamodule, DistillDataModule):
-            self.model.check_training_data(self.datamodule.augment)  # before a run directory is claimed
+        if self.config.get("subcommand") == "fit" and isinstance(self.model, DistillModule):
+            # before a run directory is claimed (a DataModule of your own does not augment for the method)
+            self.model.check_training_data(getattr(self.datamodule, "augment", "none"))
         trainer_config = self._get(self.config_init, "trainer", default={})
         if isinstance(self.model, StagedModule) and "max_epochs" not in kwargs:
             # the stages say how long a staged run is; a shorter Trainer is refused before anything is written
@@ -172,7 +195,8 @@ class DistillCLI(LightningCLI):
     def _default_run_name(self) -> str:
         model = self._get(self.config, "model")
         method = model.class_path.rsplit(".", 1)[-1].lower()
-        return f"{self.datamodule.hparams.get('dataset', 'data')}/{method}-{model.init_args.student}"
+        dataset = self.datamodule.hparams.get("dataset") or type(self.datamodule).__name__.lower()
+        return f"{dataset}/{method}-{model.init_args.student}"
 
     def before_fit(self) -> None:
         self._fit_started = time.time()
@@ -180,6 +204,8 @@ class DistillCLI(LightningCLI):
     def after_fit(self) -> None:
         with preemptible_after_training(self.trainer):
             self._dump_config()
+            for attribute in DATA_FACTS:  # the values linked from the data, not the method's defaults
+                self.config_dump["model"]["init_args"][attribute] = data_fact(attribute, self.datamodule)
             self.results = finish_fit(
                 self.trainer, self.model, self.datamodule,
                 config=self.config_dump, seed=self._get(self.config, "seed_everything"),
@@ -219,6 +245,24 @@ def method_help_arguments(args: list[str]) -> list[str]:
                     and i not in (position, position + (arg == "--model"))]
             return [*rest[:1], "--model.help", name]
     return args
+
+
+def names_own_datamodule(args: list[str]) -> bool:
+    """Whether the command names its DataModule by ``class_path``: ``--data.class_path``, ``--data X``, or a
+    config file (or its recipe) whose ``data:`` has a ``class_path`` or is a class name."""
+    for position, arg in enumerate(args):
+        if arg in ("--data", "--data.class_path") or arg.startswith(("--data=", "--data.class_path=")):
+            return True
+        path = args[position + 1] if arg in ("--config", "-c") and position + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path and Path(path).is_file():
+            try:
+                data = config_lines(path).get("data")
+            except Exception:  # not YAML, or a broken recipe line: jsonargparse and recipe_arguments report those
+                continue
+            if isinstance(data, str) or (isinstance(data, dict) and "class_path" in data):
+                return True
+    return False
 
 
 def recipe_of(path: str | Path) -> Path | None:

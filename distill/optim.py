@@ -14,13 +14,14 @@ Every method takes ``optimizer`` and ``lr_scheduler`` as callables (in YAML a ``
           init_args: {warmup_steps: 1500}
 
 :class:`WarmupCosine` steps once per optimiser step and learns the run's length from the Trainer, so a
-shortened run (``--trainer.max_epochs 10``) still decays to 0 at its last step; :class:`CosineAnnealing` is
-torch's epoch-wise cosine with the same property.
+shortened run (``--trainer.max_epochs 10``) still decays to 0 at its last step; :class:`CosineAnnealing` and
+:class:`MultiStep` are torch's epoch-wise cosine and step decay with the same property.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any, Callable, Iterable
 
 import lightning as L
@@ -84,24 +85,45 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         return [base * factor for base in self.base_lrs]
 
 
+def scaled_epoch(epoch: int, run_epochs: int, of_epochs: int) -> int:
+    """An epoch number of a recipe written for ``of_epochs`` epochs, in a run of ``run_epochs``: rounded, half up."""
+    return math.floor(epoch * run_epochs / of_epochs + 0.5)
+
+
+def _check_of_epochs(name: str, of_epochs: int | None) -> None:
+    if of_epochs is not None and of_epochs < 1:
+        raise ConfigError(f"{name} of_epochs={of_epochs} must be a positive number of epochs (the run's length its "
+                          "epoch numbers are written for), or null.")
+
+
 class CosineAnnealing(torch.optim.lr_scheduler.CosineAnnealingLR):
-    """torch's ``CosineAnnealingLR`` (stepped per epoch) whose ``T_max`` defaults to the run's length in epochs (a
-    staged method's: the stage's), so a run shortened with ``--trainer.max_epochs`` still decays to ``eta_min``
-    at its end. With ``T_max`` given it is ``CosineAnnealingLR`` exactly.
+    """torch's ``CosineAnnealingLR`` (stepped per epoch) whose length follows the run, so a run shortened with
+    ``--trainer.max_epochs`` (or shorter ``stage_epochs``) still decays as its recipe says.
+
+    ``T_max`` null: the run's length in epochs (a staged method's: the stage's). ``T_max`` given with
+    ``of_epochs``: a recipe's ``T_max`` for a run of ``of_epochs`` epochs (a staged method's: for a first stage of
+    ``of_epochs``), scaled by the run's (first stage's) epochs / ``of_epochs``, the same factor in every stage.
+    ``T_max`` given alone: ``CosineAnnealingLR`` exactly, whatever the run's length.
 
     Args:
-        T_max: epochs of the half cosine; ``None`` = the run's (stage's) epochs, filled in by
+        T_max: epochs of the half cosine, or ``None``; filled in by
             :meth:`distill.methods.DistillModule.configure_optimizers`.
         eta_min: the rate at the end.
+        of_epochs: the run (first stage) length ``T_max`` is written for (e.g. ``T_max: 8, of_epochs: 8`` with
+            ``stage_epochs: [8, 4]``: the second stage runs the first half of the cosine, also when shortened).
     """
 
     interval = "epoch"
 
     def __init__(self, optimizer: torch.optim.Optimizer, T_max: int | None = None, eta_min: float = 0.0,
-                 last_epoch: int = -1) -> None:
+                 last_epoch: int = -1, of_epochs: int | None = None) -> None:
         if T_max is not None and T_max < 1:
             raise ConfigError(f"CosineAnnealing T_max={T_max} must be a positive number of epochs, or null.")
-        self._given_t_max = T_max
+        _check_of_epochs("CosineAnnealing", of_epochs)
+        if of_epochs is not None and T_max is None:
+            raise ConfigError("CosineAnnealing of_epochs scales a given T_max; with T_max null the cosine spans the "
+                              "run (or stage) already: drop of_epochs, or give T_max.")
+        self._given_t_max, self.of_epochs = T_max, of_epochs
         # epoch 0 is the base rate whatever T_max is; the run's length arrives before the first step
         super().__init__(optimizer, T_max=T_max or 1, eta_min=eta_min, last_epoch=last_epoch)
 
@@ -110,6 +132,44 @@ class CosineAnnealing(torch.optim.lr_scheduler.CosineAnnealingLR):
 
     def set_run_length(self, epochs: int) -> None:
         self.T_max = epochs
+
+    def scales_with_run(self) -> bool:
+        return self.of_epochs is not None
+
+    def scale_to_run(self, first_span_epochs: int) -> None:
+        """The run's (a staged method's first stage's) epochs, once per stage, before its first step."""
+        self.T_max = max(1, scaled_epoch(self._given_t_max, first_span_epochs, self.of_epochs))
+
+
+class MultiStep(torch.optim.lr_scheduler.MultiStepLR):
+    """torch's ``MultiStepLR`` (stepped per epoch) whose milestones follow the run's length: the recipe's
+    milestones for a run of ``of_epochs`` epochs (a staged method's: for a first stage of ``of_epochs``, the
+    schedule restarting each stage), each scaled by the run's (first stage's) epochs / ``of_epochs`` and rounded.
+    A run of ``of_epochs`` epochs is ``MultiStepLR`` exactly; a run shortened to a tenth decays at the same
+    fractions of it. ``of_epochs`` null: ``MultiStepLR`` whatever the run's length.
+
+    Args:
+        milestones: epochs (of a stage, for staged methods, whose schedule restarts each stage) at which the
+            rate is multiplied by ``gamma``, as the recipe gives them.
+        gamma: the factor.
+        of_epochs: the run (first stage) length the milestones are written for (RepDistiller's CIFAR recipe:
+            ``milestones: [150, 180, 210], of_epochs: 240``; TAKD's paper, 150-epoch stages: ``[80, 120]``, ``150``).
+    """
+
+    interval = "epoch"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, milestones: list[int], gamma: float = 0.1,
+                 of_epochs: int | None = None, last_epoch: int = -1) -> None:
+        _check_of_epochs("MultiStep", of_epochs)
+        self.recipe_milestones, self.of_epochs = list(milestones), of_epochs
+        super().__init__(optimizer, milestones=milestones, gamma=gamma, last_epoch=last_epoch)
+
+    def scales_with_run(self) -> bool:
+        return self.of_epochs is not None
+
+    def scale_to_run(self, first_span_epochs: int) -> None:
+        """The run's (a staged method's first stage's) epochs, once per stage, before its first step."""
+        self.milestones = Counter(scaled_epoch(m, first_span_epochs, self.of_epochs) for m in self.recipe_milestones)
 
 
 def decay_groups(params: Iterable[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -154,11 +214,14 @@ class DecoupledAdamW(torch.optim.AdamW):
 
 def lightning_optimization(params: list[nn.Parameter], optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                            lr_scheduler: Callable[[torch.optim.Optimizer], Any], trainer: L.Trainer | None,
-                           interval: str, run_length: Callable[[str], int]) -> Any:
+                           interval: str, run_length: Callable[[str], int],
+                           first_span_epochs: Callable[[], int] | None = None) -> Any:
     """What ``configure_optimizers`` returns: the optimiser built from ``optimizer``, its learning rates scaled
     by the Trainer's :class:`~distill.callbacks.LRScaling` (before the scheduler exists, so that it takes the
     scaled rate as its base rate), and the schedule, told the run's length in its own unit if it asks for it
-    (:class:`WarmupCosine`: steps, :class:`CosineAnnealing`: epochs; ``run_length("step" | "epoch")``)."""
+    (:class:`WarmupCosine`: steps, :class:`CosineAnnealing`: epochs; ``run_length("step" | "epoch")``), or
+    scaled to the epochs of the run's first schedule span if it was written for another length
+    (:class:`MultiStep`, :class:`CosineAnnealing` with ``of_epochs``; ``first_span_epochs()``)."""
     built = optimizer(params)
     scale_learning_rates(trainer, built)
     scheduler = lr_scheduler(built)
@@ -167,10 +230,12 @@ def lightning_optimization(params: list[nn.Parameter], optimizer: Callable[[list
     interval = getattr(scheduler, "interval", interval)
     if trainer is not None and getattr(scheduler, "needs_run_length", lambda: False)():
         scheduler.set_run_length(run_length(interval))
+    if trainer is not None and first_span_epochs is not None and getattr(scheduler, "scales_with_run", lambda: False)():
+        scheduler.scale_to_run(first_span_epochs())
     config = {"scheduler": scheduler, "interval": interval}
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = "val/acc"
     return {"optimizer": built, "lr_scheduler": config}
 
 
-__all__ = ["lightning_optimization", "warmup_cosine", "WarmupCosine", "CosineAnnealing", "decay_groups", "DecoupledAdamW"]
+__all__ = ["lightning_optimization", "warmup_cosine", "WarmupCosine", "CosineAnnealing", "MultiStep", "scaled_epoch", "decay_groups", "DecoupledAdamW"]

@@ -16,7 +16,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -26,6 +26,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from distill.callbacks import TrainingThroughput
+from distill.errors import ConfigError
 from distill.methods.base import DistillModule
 from distill.teachers import save_network
 
@@ -53,6 +54,8 @@ def child_environment(default_threads: int | None = 1) -> dict[str, str]:
 # its own metrics.csv there, so its "directory not empty" warning is noise.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 RESULTS_FILE = "results.json"
+#: The DataModule a config's ``data:`` builds unless it names another by ``class_path``.
+DISTILL_DATA_MODULE = "distill.data.DistillDataModule"
 EXPORT_FILE = "model.safetensors"
 #: Prefix of the metrics that the test of the final weights logs (``end_of_schedule/test/acc``), so that
 #: the run's TensorBoard and metrics.csv show them apart from the best checkpoint's ``test/acc``.
@@ -289,3 +292,15 @@ def _point_latest(run_dir: Path) -> None:
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+
+
+def data_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The DistillDataModule arguments of a run's resolved config: ``data.init_args`` (``data`` of runs saved
+    before the CLI took DataModules by ``class_path``). A run on a DataModule of your own is an error here."""
+    data = dict(config.get("data") or {})
+    if "class_path" not in data:
+        return data
+    if data["class_path"] != DISTILL_DATA_MODULE:
+        raise ConfigError(f"this run trained on {data['class_path']}, not {DISTILL_DATA_MODULE}: rebuild its "
+                          "data yourself (the tools that reload a run's data know only distill's data sets).")
+    return dict(data.get("init_args") or {})

@@ -70,7 +70,8 @@ def test_the_recipes_optimizer_reaches_the_rows_method(recipe_dir):
     assert model["init_args"]["optimizer"]["init_args"]["lr"] == 0.07
     assert model["init_args"]["lr_scheduler"]["init_args"]["T_max"] == 3
     assert config["seed_everything"] == 3 and config["trainer"]["max_epochs"] == 3
-    assert config["data"]["dataset"] == "fake" and config["data"]["batch_size"] == 16
+    assert config["data"]["class_path"] == "distill.data.DistillDataModule"
+    assert config["data"]["init_args"]["dataset"] == "fake" and config["data"]["init_args"]["batch_size"] == 16
     assert config["recipe"] == str(recipe_dir / "recipe.yaml")  # the resolved path goes into the saved config
 
 
@@ -82,8 +83,9 @@ def test_the_rows_values_win_over_the_recipes(recipe_dir):
     config = resolved_config(row)
     optimizer = config["model"]["init_args"]["optimizer"]
     assert optimizer["init_args"]["lr"] == 0.01 and optimizer["init_args"]["momentum"] == 0.9  # merged, not replaced
-    assert config["trainer"]["max_epochs"] == 5 and config["data"]["batch_size"] == 8
-    assert config["data"]["dataset"] == "fake" and config["seed_everything"] == 3
+    data = config["data"]["init_args"]
+    assert config["trainer"]["max_epochs"] == 5 and data["batch_size"] == 8
+    assert data["dataset"] == "fake" and config["seed_everything"] == 3
     # and the command line wins over both
     assert resolved_config(row, "--trainer.max_epochs=7")["trainer"]["max_epochs"] == 7
 
@@ -164,3 +166,22 @@ def test_every_config_resolves(config):
     assert resolved["model"]["class_path"] == written["model"]["class_path"]
     assert resolved["run_name"] == written["run_name"]
     assert resolved["trainer"]["max_epochs"] == written["trainer"]["max_epochs"]
+
+
+def test_no_shipped_config_fixes_its_schedule_to_one_run_length():
+    """Every schedule a config names follows the run's length: a cosine without T_max, or epoch numbers with the
+    run length they are written for (of_epochs), so `--trainer.max_epochs` or shorter stages decay as the recipe says."""
+    fixed = []
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        if path.name.startswith("sweep") or "sweeps" in path.parts:
+            continue
+        scheduler = ((config_lines(path).get("model") or {}).get("init_args") or {}).get("lr_scheduler")
+        if not scheduler:
+            continue
+        class_path, init_args = scheduler.get("class_path"), scheduler.get("init_args") or {}
+        follows = (class_path in ("distill.optim.MultiStep", "distill.optim.CosineAnnealing")
+                   and ("T_max" not in init_args and "milestones" not in init_args or init_args.get("of_epochs"))) \
+            or (class_path == "distill.optim.WarmupCosine" and "total_steps" not in init_args)
+        if not follows:
+            fixed.append(f"{path.relative_to(CONFIGS)}: {class_path} {init_args}")
+    assert not fixed, "schedules of one fixed length:\n" + "\n".join(fixed)

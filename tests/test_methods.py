@@ -371,3 +371,49 @@ def test_cosine_annealing_takes_its_length_from_the_run_or_the_stage(tmp_path, t
                                 image_size=16, optimizer=sgd, lr_scheduler=CosineAnnealing)
     rates, _ = epoch_rates(tmp_path / "c", staged, 3)
     assert rates == pytest.approx([0.4, 0.2, 0.4])  # each stage restarts its own cosine over its own epochs
+
+
+def test_multistep_milestones_and_a_given_cosine_scale_with_the_run_or_its_first_stage(tmp_path, teacher_file):
+    """distill.optim.MultiStep / CosineAnnealing with of_epochs: a recipe's epoch numbers for a run of of_epochs
+    epochs, scaled to the run's (staged: first stage's) length, the same factor in every stage."""
+    import csv
+    import math
+    from functools import partial
+
+    from distill.methods import Supervised, TeacherAssistantKD
+    from distill.optim import CosineAnnealing, MultiStep
+
+    def epoch_rates(root, model, epochs):
+        tiny_trainer(root, max_epochs=epochs).fit(model, datamodule=fake_datamodule())
+        with open(root / "run" / "version_0" / "metrics.csv") as handle:
+            return [float(row["lr"]) for row in csv.DictReader(handle) if row.get("lr")]
+
+    sgd = partial(torch.optim.SGD, lr=0.4)
+    recipe = partial(MultiStep, milestones=[4, 6], gamma=0.1, of_epochs=8)
+    shortened = epoch_rates(tmp_path / "a", Supervised(student="mlp_30_30", image_size=16, optimizer=sgd,
+                                                       lr_scheduler=recipe), 4)
+    assert shortened == pytest.approx([0.4, 0.4, 0.04, 0.004])  # milestones 2 and 3 of 4 epochs
+    fixed = epoch_rates(tmp_path / "b", Supervised(student="mlp_30_30", image_size=16, optimizer=sgd,
+                                                   lr_scheduler=partial(MultiStep, milestones=[2], of_epochs=None)), 4)
+    assert fixed == pytest.approx([0.4, 0.4, 0.04, 0.04])  # of_epochs null: MultiStepLR as given
+    staged = TeacherAssistantKD(student="resnet8", assistants=["resnet8"], stage_epochs=[2, 3], teacher=str(teacher_file),
+                                image_size=16, optimizer=sgd, lr_scheduler=partial(MultiStep, milestones=[2], of_epochs=4))
+    # first stage 2 of the recipe's 4 epochs: milestone 1 in both stages (scaled by stage 2's own 3 epochs it were 2)
+    assert epoch_rates(tmp_path / "c", staged, 5) == pytest.approx([0.4, 0.04, 0.4, 0.04, 0.04])
+    cosine = TeacherAssistantKD(student="resnet8", assistants=["resnet8"], stage_epochs=[2, 1], teacher=str(teacher_file),
+                                image_size=16, optimizer=sgd,
+                                lr_scheduler=partial(CosineAnnealing, T_max=8, of_epochs=8))
+    # the recipe's stages 8 + 4 under a cosine of 8 epochs, shortened to 2 + 1: T_max 2 in each stage
+    assert epoch_rates(tmp_path / "d", cosine, 3) == pytest.approx([0.4, 0.4 * (1 + math.cos(math.pi / 2)) / 2, 0.4])
+
+
+def test_schedules_of_other_lengths_check_their_arguments():
+    from distill.optim import CosineAnnealing, MultiStep, scaled_epoch
+
+    assert [scaled_epoch(m, 24, 240) for m in (150, 180, 210)] == [15, 18, 21]
+    assert [scaled_epoch(m, 4, 240) for m in (150, 180, 210)] == [3, 3, 4]  # rounded half up: 2.5 -> 3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ConfigError, match="MultiStep of_epochs=0 must be a positive number of epochs"):
+        MultiStep(optimizer, milestones=[1], of_epochs=0)
+    with pytest.raises(ConfigError, match="of_epochs scales a given T_max"):
+        CosineAnnealing(optimizer, of_epochs=10)

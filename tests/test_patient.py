@@ -454,7 +454,7 @@ def test_paper_configs_exist_for_every_table():
 
     for config in PAPER_CONFIGS:
         text = resolved_config(config)  # the row over its recipe, the method's defaults filled in
-        data, init = text["data"], text["model"]["init_args"]
+        data, init = text["data"]["init_args"], text["model"]["init_args"]
         assert data["augment"] == "none" and data["train_image_size"] > data["image_size"], config
         assert data["persistent_workers"] and text["trainer"]["check_val_every_n_epoch"] > 1, config
         assert init["grad_clip_norm"] == 1.0 and init["teaching"] in ("fixed", "consistent", "function_matching")
@@ -487,7 +487,8 @@ def test_paper_configs_instantiate(config, tmp_path):
     assert expected["student"] == "timm.resnetv2_50x1_bit" and "bit_m_r152x2" in expected["teacher"]
     assert cli.trainer.max_epochs == text["trainer"]["max_epochs"]
     assert cli.trainer.check_val_every_n_epoch == text["trainer"]["check_val_every_n_epoch"]
-    assert text["data"]["augment"] == "none" and text["data"]["train_image_size"] > text["data"]["image_size"]
+    data = text["data"]["init_args"]
+    assert data["augment"] == "none" and data["train_image_size"] > data["image_size"]
     assert cli.model.configure_optimizers() is not None
 
 

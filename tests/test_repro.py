@@ -11,6 +11,7 @@ import yaml
 from distill.tools import repro
 from distill.tools.class_bias import choose_bias, shifted_predictions
 from distill.errors import ConfigError
+from distill.run import data_arguments
 
 CONFIG = """
 trainer: {max_epochs: 2, limit_train_batches: 2, limit_val_batches: 1, limit_test_batches: 1}
@@ -58,7 +59,7 @@ def test_experiment_runs_resumes_and_writes_its_page(experiment, capsys):
     assert all(run["teacher"]["path"] == teacher["model_file"] for run in runs.values())
     assert runs[0]["config"]["model"]["init_args"]["temperature"] == 1
     no0 = repro.finished_runs(Path("runs/repro"), "tiny", "kd_t4_no0")[0]
-    assert no0["config"]["data"]["exclude_classes"] == [0]
+    assert data_arguments(no0["config"])["exclude_classes"] == [0]
     assert "# A tiny experiment" in text and "## What the paper reports" in text
     assert "| BaselineKD | resnet8 | mlp_30_30 | 2 | 0, 1 |" in text
     assert "### accuracy against temperature" in text and "test errors, corrected" in text

@@ -8,7 +8,7 @@ student's logits and named loss parts, the total under ``"loss"`` (mdistiller's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -32,10 +32,22 @@ class TrainingBatch:
 
     images: Tensor
     labels: Tensor
-    #: positions of the images in the training split (for per-sample data such as cached teacher outputs)
-    indices: Tensor
+    #: positions of the images in the training split (for per-sample data such as cached teacher outputs);
+    #: None from a DataModule whose batches are ``(images, labels)``
+    indices: Tensor | None
     #: the step's batch index in its epoch (seeds per-batch randomness, e.g. PatientConsistentKD's crops)
     batch_idx: int
+
+
+def split_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(images, labels, indices)`` of a DistillDataModule batch, or ``(images, labels, None)`` of a DataModule
+    of your own whose batches are ``(images, labels)``."""
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    if len(batch) == 2:
+        return batch[0], batch[1], None
+    raise ConfigError(f"a training or evaluation batch has {len(batch)} parts; distill's methods take "
+                      "(images, labels) or (images, labels, indices) from the DataModule's loaders.")
 
 
 class DistillModule(L.LightningModule):
@@ -132,8 +144,8 @@ class DistillModule(L.LightningModule):
         return self.active_network()(images)
 
     # ----------------------------------------------------------------------------------- training
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        images, labels, indices = batch
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor | None:
+        images, labels, indices = split_batch(batch)
         logits, losses = self.training_losses(TrainingBatch(images, labels, indices, batch_idx))
         loss, trainer = losses["loss"], attached_trainer(self)
         if not all_finite(loss, trainer):
@@ -176,8 +188,8 @@ class DistillModule(L.LightningModule):
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=False, on_epoch=True)
 
     # ----------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> None:
-        images, labels, indices = batch
+    def _evaluate(self, batch: Sequence[Tensor], stage: str) -> None:
+        images, labels, indices = split_batch(batch)
         logits = self.active_network()(images)
         reference = None
         if self.active_teacher() is not None:
@@ -227,8 +239,9 @@ class DistillModule(L.LightningModule):
         """The schedule when the config names none: a constant rate."""
         return None
 
-    def schedule_length(self, interval: str) -> int:
-        """Optimiser steps (``"step"``) or epochs (``"epoch"``) a schedule spans: the whole fit (staged: a stage)."""
+    def schedule_length(self, interval: str, first: bool = False) -> int:
+        """Optimiser steps (``"step"``) or epochs (``"epoch"``) a schedule spans: the whole fit (staged: this stage,
+        or with ``first`` the first one, whose length a recipe's schedule scales to)."""
         if interval == "epoch":
             if not self.trainer.max_epochs or self.trainer.max_epochs < 1:
                 raise ConfigError("the schedule takes its length from trainer.max_epochs, which is not set; set it, "
@@ -240,7 +253,8 @@ class DistillModule(L.LightningModule):
         params = [p for m in self.trainable_modules() for p in m.parameters() if p.requires_grad]
         return lightning_optimization(params, self.optimizer_factory or self.default_optimizer,
                                       self.lr_scheduler_factory or self.default_lr_scheduler, attached_trainer(self),
-                                      self.hparams.lr_scheduler_interval, self.schedule_length)
+                                      self.hparams.lr_scheduler_interval, self.schedule_length,
+                                      lambda: self.schedule_length("epoch", first=True))
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -152,10 +152,12 @@ class StagedModule(TeacherStudentModule):
         if isinstance(strategy, DDPStrategy) and strategy.model is not strategy.lightning_module:
             rewrap_ddp(strategy)
 
-    def schedule_length(self, interval: str) -> int:
-        """A schedule spans its stage: the stage's epochs, or their share of the fit's optimiser steps."""
-        start = self.stage_ends[self.stage - 1] if self.stage else 0
-        epochs = self.stage_ends[self.stage] - start
+    def schedule_length(self, interval: str, first: bool = False) -> int:
+        """A schedule spans its stage: the stage's (with ``first`` the first stage's) epochs, or their share of the
+        fit's optimiser steps."""
+        stage = 0 if first else self.stage
+        start = self.stage_ends[stage - 1] if stage else 0
+        epochs = self.stage_ends[stage] - start
         if interval == "epoch":
             return epochs
         return int(self.trainer.estimated_stepping_batches) // max(int(self.trainer.max_epochs or 1), 1) * epochs

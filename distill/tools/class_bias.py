@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from distill.data import DistillDataModule
+from distill.run import data_arguments
 from distill.teachers import load_network
 
 
@@ -44,7 +45,7 @@ def split_logits(network: torch.nn.Module, data: DistillDataModule, split: str) 
 
 def bias_correction(run: Mapping[str, Any], class_index: int, grid: Sequence[float]) -> dict[str, Any]:
     """Chooses the class bias of a finished run's exported network on validation; test errors before/after."""
-    data = DistillDataModule(**run["config"]["data"])
+    data = DistillDataModule(**data_arguments(run["config"]))
     loaded = load_network(run["model_file"], None, data.num_classes, data.in_channels, data.image_size)
     bias = choose_bias(*split_logits(loaded.network, data, "val"), class_index, grid)
     logits, labels = split_logits(loaded.network, data, "test")

@@ -32,6 +32,7 @@ import yaml
 
 from distill.methods import METHODS as REGISTRY
 from distill.methods import DistillModule, StagedModule, TeacherStudentModule
+from distill.run import data_arguments
 
 #: the methods tested, in the registry's order
 METHODS = tuple(REGISTRY)
@@ -210,7 +211,7 @@ def check_method(method: str, workdir: Path, kills: int, seed: int, epochs: int 
     rng = random.Random(f"{seed}-{method}")
     reference = reference_run(config, method, workdir, in_process, verbose)
     # kill moments fall within the training time of one epoch (validation and testing excluded)
-    train_images = reference["results"]["config"]["data"]["fake_sizes"][0]
+    train_images = data_arguments(reference["results"]["config"])["fake_sizes"][0]
     epoch_seconds = max(0.2, train_images / max(1.0, reference["results"]["train_images_per_s"] or 0.0))
     parent = workdir / "runs" / "killed" / method
     log: list[str] = []
