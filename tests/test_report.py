@@ -210,3 +210,38 @@ def test_a_results_file_in_a_folder_of_runs_hides_none_of_them(runs_root):
     """A stray results.json above real runs (once written by fast_dev_run into runs/) hides nothing below it."""
     (runs_root / "results.json").write_text((runs_root / "mnist5k" / "kd" / "version_0" / "results.json").read_text())
     assert len(report.load_runs(runs_root)) == 5  # the four runs and the stray file's folder
+
+
+def test_a_run_has_one_colour_in_every_plot_even_where_other_runs_are_missing(runs_root):
+    runs = sorted(report.load_runs(runs_root), key=lambda run: run["teacher"] is not None)
+    assert runs[0]["method"] == "Supervised" and runs[-1]["method"] == "BaselineKD"  # first: runs without agreement
+    colours = report.run_colours(runs)
+    by_plot = {}
+    for metric in ("val/acc", "val/agreement"):
+        figure = report.curves_figure(runs, metric, colours)
+        by_plot[metric] = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
+    kd_label = next(report.run_label(r) for r in runs if r["method"] == "BaselineKD")
+    assert set(by_plot["val/agreement"]) == {kd_label}
+    assert by_plot["val/agreement"][kd_label] == by_plot["val/acc"][kd_label] == colours[report.config_key(
+        next(r for r in runs if r["method"] == "BaselineKD"))]
+    assert len(set(by_plot["val/acc"].values())) == 3  # teacher, scratch (both seeds), KD
+    # the default, without a shared map, colours by the runs given: the same as the map of all of them
+    assert {line.get_color() for line in report.curves_figure(runs, "val/acc").axes[0].get_lines()} == \
+        set(by_plot["val/acc"].values())
+
+
+def test_long_run_labels_wrap_and_the_legend_fits_in_the_saved_image(runs_root, tmp_path):
+    runs = report.load_runs(runs_root)
+    long = [{**run, "method": run["method"] + "WithAVeryLongExperimentName" * 4} for run in runs]
+    figure = report.curves_figure(long, "val/acc")
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    (legend,) = figure.legends
+    lines = [line for text in legend.get_texts() for line in text.get_text().splitlines()]
+    assert len(lines) > len(runs) and max(map(len, lines)) <= report.LEGEND_LINE  # wrapped, not cut
+    tight = figure.get_tightbbox(renderer)  # what _save writes (bbox_inches="tight"), in inches
+    box = legend.get_window_extent(renderer).transformed(figure.dpi_scale_trans.inverted())
+    assert tight.x0 <= box.x0 and box.x1 <= tight.x1 and tight.y0 <= box.y0
+    assert box.width <= figure.get_figwidth()  # no wider than the plot
+    png = report.plot_curves(long, tmp_path / "long.png", "val/acc")
+    assert png.read_bytes()[:8] == PNG_MAGIC

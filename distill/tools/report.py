@@ -33,6 +33,7 @@ import os
 import re
 import statistics
 import sys
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -362,8 +363,28 @@ def _figure(width: float = 7.0, height: float = 4.2):
 def _save(figure, out_png: str | Path) -> Path:
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png")
+    # the saved area grows to whatever was drawn, so a legend is never cut at the figure's edge
+    figure.savefig(out, format="png", bbox_inches="tight", pad_inches=0.1)
     return out
+
+
+#: Characters per legend line: longer run labels wrap, so that a legend is no wider than its plot.
+LEGEND_LINE = 64
+
+
+def _legend_below(figure, labels: Sequence[str], ncols: int) -> None:
+    """The legend under the axes (an inner legend hides curves), in up to ``ncols`` columns, as many as fit."""
+    wrapped = [textwrap.fill(label, LEGEND_LINE) for label in labels]
+    longest = max((len(line) for label in wrapped for line in label.splitlines()), default=1)
+    ncols = max(1, min(ncols, len(labels), int(1.5 * LEGEND_LINE) // (longest + 4)))
+    handles = [h for axes in figure.axes for h in axes.get_legend_handles_labels()[0]]
+    figure.legend(handles, wrapped, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
+
+
+def run_colours(runs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """One colour per experiment (:func:`config_key`), in the order the runs come: a report passes the same map
+    to every plot, so a run has one colour everywhere, also in plots where other runs are missing."""
+    return {key: f"C{index % 10}" for index, key in enumerate(dict.fromkeys(config_key(run) for run in runs))}
 
 
 def run_label(run: Mapping[str, Any]) -> str:
@@ -376,14 +397,23 @@ def run_label(run: Mapping[str, Any]) -> str:
     return label
 
 
-def plot_curves(runs: Sequence[Mapping[str, Any]], out_png: str | Path, metric: str = "val/acc") -> Path | None:
+def plot_curves(runs: Sequence[Mapping[str, Any]], out_png: str | Path, metric: str = "val/acc",
+                colours: Mapping[str, str] | None = None) -> Path | None:
     """Plots ``metric`` from each run's ``metrics.csv`` against epoch (1 = after the first epoch).
 
-    One line per run; runs of one experiment (see :func:`config_key`) share a colour and differ in
-    line style, so seed spread is visible at a glance. Accuracy-like metrics (values in [0, 1]) are
-    drawn in percent. Returns the PNG's path, or ``None`` (and writes nothing) when no run logged
-    ``metric``, e.g. ``val/agreement`` for runs without a teacher.
+    One line per run; runs of one experiment (see :func:`config_key`) share a colour (``colours``, by
+    default :func:`run_colours` of ``runs``) and differ in line style, so seed spread is visible at a
+    glance. Accuracy-like metrics (values in [0, 1]) are drawn in percent. Returns the PNG's path, or
+    ``None`` (and writes nothing) when no run logged ``metric``, e.g. ``val/agreement`` for runs without a
+    teacher.
     """
+    figure = curves_figure(runs, metric, colours)
+    return None if figure is None else _save(figure, out_png)
+
+
+def curves_figure(runs: Sequence[Mapping[str, Any]], metric: str, colours: Mapping[str, str] | None = None):
+    """The figure :func:`plot_curves` saves, or None when no run logged ``metric``."""
+    colours = colours if colours is not None else run_colours(runs)
     curves = [(run, read_metric(run, metric)) for run in runs]
     curves = [(run, curve) for run, curve in curves if curve]
     if not curves:
@@ -393,7 +423,6 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], out_png: str | Path, metric: 
     values = [v for _, curve in curves for _, v in curve]
     fraction = metric.split("/")[-1] in ("acc", "agreement", "acc_top5", "acc_best")
     percent = fraction and 0 <= min(values) <= max(values) <= 1
-    groups = {key: i for i, key in enumerate(dict.fromkeys(config_key(r) for r, _ in curves))}
     styles = ("-", "--", ":", "-.")
     seen_in_group: dict[str, int] = {}
     figure = _figure()
@@ -404,16 +433,15 @@ def plot_curves(runs: Sequence[Mapping[str, Any]], out_png: str | Path, metric: 
         seen_in_group[key] = member + 1
         epochs = [e for e, _ in curve]
         ys = [v * 100 if percent else v for _, v in curve]
-        axes.plot(epochs, ys, color=f"C{groups[key] % 10}", linestyle=styles[member % len(styles)],
+        axes.plot(epochs, ys, color=colours.get(key, "0.5"), linestyle=styles[member % len(styles)],
                   marker="o" if len(curve) <= 30 else None, markersize=4, label=run_label(run))
     axes.set_xlabel("epoch")
     axes.set_ylabel(f"{metric} (%)" if percent else metric)
     axes.set_title(metric)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    # below the axes rather than on them: with several runs an inner legend hides the curves
-    figure.legend(loc="outside lower center", ncols=1 if len(curves) <= 3 else 2, fontsize="small", frameon=False)
-    return _save(figure, out_png)
+    _legend_below(figure, [run_label(run) for run, _ in curves], ncols=1 if len(curves) <= 3 else 2)
+    return figure
 
 
 # --------------------------------------------------------------------------------------- per class
@@ -484,8 +512,10 @@ def per_class_table(accuracies: Mapping[str, Any], class_names: Sequence[str] | 
 
 
 def plot_per_class(accuracies: Mapping[str, Any], out_png: str | Path,
-                   class_names: Sequence[str] | None = None, title: str = "test accuracy per class") -> Path:
-    """Grouped bars: one group per class, one bar per entry of ``accuracies`` (e.g. teacher, scratch, KD)."""
+                   class_names: Sequence[str] | None = None, title: str = "test accuracy per class",
+                   colours: Mapping[str, str] | None = None) -> Path:
+    """Grouped bars: one group per class, one bar per entry of ``accuracies`` (e.g. teacher, scratch, KD), coloured
+    by ``colours`` (entry → colour, e.g. each run's from :func:`run_colours`) or in order."""
     labels = list(accuracies)
     count = len(next(iter(accuracies.values()))) if accuracies else 0
     names = _class_names(count, class_names)
@@ -498,7 +528,7 @@ def plot_per_class(accuracies: Mapping[str, Any], out_png: str | Path,
         heights = [100 * float(v) for v in accuracies[label]]
         lowest = min([lowest] + [h for h in heights if not math.isnan(h)])
         axes.bar([i - 0.4 + width * (j + 0.5) for i in range(count)], heights, width=width,
-                 label=label, color=f"C{j % 10}")
+                 label=label, color=(colours or {}).get(label, f"C{j % 10}"))
     axes.set_xticks(range(count), names, rotation=0 if count <= 20 else 90)
     axes.set_xlabel("class")
     axes.set_ylabel("accuracy (%)")
@@ -506,7 +536,7 @@ def plot_per_class(accuracies: Mapping[str, Any], out_png: str | Path,
     axes.set_ylim(max(0.0, min(lowest, 100.0) - 5.0), 100.5)
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
-    figure.legend(loc="outside lower center", ncols=min(len(labels), 4), fontsize="small", frameon=False)
+    _legend_below(figure, labels, ncols=4)
     return _save(figure, out_png)
 
 
@@ -532,8 +562,9 @@ def write_report(runs: Sequence[Mapping[str, Any]], out_dir: str | Path,
     if stages:
         sections += ["## Stages", "", "Staged methods, one row per stage (the last stage is the run's row above); "
                      "agreement is with the network that taught that stage.", "", stages, ""]
+    colours = run_colours(runs)  # one colour per experiment in every plot
     for metric in metrics:
-        png = plot_curves(runs, out / _metric_file(metric), metric)
+        png = plot_curves(runs, out / _metric_file(metric), metric, colours)
         if png is not None:
             sections += [f"## {metric}", "", f"![{metric}]({png.name})", ""]
     sections += ["## Runs", ""] + [f"- `{run['dir']}`: {run_label(run)}" for run in runs] + [""]
