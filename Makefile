@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.distill-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all clean-runs
+.PHONY: venv demo notebooks test test-all clean-runs
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ venv: $(STAMP)
 
 demo: venv
 	$(PY) -m distill.tools.demo
+
+# the notebooks run at full size, in place: their committed outputs are this command's (about 10 minutes)
+notebooks: venv
+	$(PY) scripts/run_notebooks.py
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import sys
 import time
@@ -33,23 +32,9 @@ from distill.reliability import Preempted, preemptible_after_training
 from distill.run import DISTILL_DATA_MODULE, RUN_DIR_ENV, finish_fit, next_numbered_dir, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load
 
-class _QuietConsole(logging.Filter):
-    """Drops Lightning's console lines that tell a distill user nothing: advertising tips, and the note that a
-    method's own callbacks (its ModelCheckpoint, ...) replace the Trainer's defaults, which they are meant to."""
-
-    NOISE = ("💡 Tip:", "callbacks returned in `LightningModule.configure_callbacks` will override")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(noise in message for noise in self.NOISE)
-
-
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_QuietConsole())
 # test/predict of a run's checkpoint log into a folder inside the run; the checkpoint callback's recorded
 # dirpath then differs, which matters only to a fit
 warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
-# torch >= 2.10 deprecates a pytree class that Lightning 2.6 still checks for, once per run
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 #: The first line of a config that LightningCLI wrote out (``--print_config``, a run's ``config.yaml``).
 RESOLVED_CONFIG_MARK = "# lightning.pytorch=="

@@ -7,11 +7,33 @@ Each function says what it needs the private attribute for and what public API i
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+
+
+class QuietConsole(logging.Filter):
+    """Drops Lightning's console lines that tell a distill user nothing: advertising tips, and the note that a
+    method's own callbacks (its ModelCheckpoint, ...) replace the Trainer's defaults, which they are meant to.
+    Matches Lightning's message texts, which no public API names; installed on Lightning's rank-zero logger when the
+    library is imported (by the CLI, the tools and notebooks alike)."""
+
+    NOISE = ("💡 Tip:", "callbacks returned in `LightningModule.configure_callbacks` will override")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+if not any(isinstance(f, QuietConsole) for f in logging.getLogger(RANK_ZERO_LOGGER).filters):
+    logging.getLogger(RANK_ZERO_LOGGER).addFilter(QuietConsole())
+# torch >= 2.10 deprecates a pytree class that Lightning 2.6 still checks for, once per run
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
     """The Trainer the module is attached to, or None: the public ``module.trainer`` raises when there is none
