@@ -16,7 +16,8 @@ from conftest import REPO
 def readme_fit_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    joined = [block.replace("\\\n", " ") for block in blocks]  # a command continued on the next line
+    lines = [line.split("  #")[0].strip() for block in joined for line in block.splitlines()]
     return [line for line in lines if line.startswith("distill fit ")]
 
 
