@@ -56,6 +56,16 @@ def data_fact(attribute: str, datamodule: L.LightningDataModule) -> Any:
     return value
 
 
+def check_trains_something(trainer: dict[str, Any]) -> None:
+    """A fit that would take no optimiser step (``max_epochs 0``, ``max_steps 0``, ``limit_train_batches 0``) is
+    refused: it would export an untrained network as the run's model and point ``latest`` at it."""
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if trainer.get(key) is not None and trainer[key] == 0:
+            raise ConfigError(f"trainer.{key}=0 trains nothing: the run would export an untrained network as its model "
+                              f"(and as `latest`, which later configs teach from); give trainer.{key} a positive value, "
+                              "or use `distill validate`/`distill test` to evaluate without training.")
+
+
 class DistillCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.results: dict[str, Any] | None = None
@@ -128,6 +138,8 @@ class DistillCLI(LightningCLI):
             # before a run directory is claimed (a DataModule of your own does not augment for the method)
             self.model.check_training_data(getattr(self.datamodule, "augment", "none"))
         trainer_config = self._get(self.config_init, "trainer", default={})
+        if self.config.get("subcommand") == "fit":
+            check_trains_something(trainer_config)  # before a run directory is claimed
         if isinstance(self.model, StagedModule) and "max_epochs" not in kwargs:
             # the stages say how long a staged run is; a shorter Trainer is refused before anything is written
             self.model.check_max_epochs(trainer_config.get("max_epochs"))

@@ -211,7 +211,14 @@ def finish_fit(
         results["end_of_schedule"] = end_of_schedule
     if stages:
         results["stages"] = stages
-    if trainer.is_global_zero:
+    trained = trainer.global_step > 0
+    if not trained:  # a fit of no step (from Python; the CLI refuses it): no model to export, nothing for `latest`
+        results["model_file"] = None
+    if trainer.is_global_zero and not trained:
+        warnings.warn(f"{run_dir}: the fit took no optimiser step, so no model.safetensors is exported and `latest` "
+                      "is left where it was.", UserWarning, stacklevel=2)
+        write_json_atomic(run_dir / RESULTS_FILE, results)
+    elif trainer.is_global_zero:
         save_network(model.student_network(), model.student_spec, run_dir / EXPORT_FILE,
                      best_val_acc=results["best_val_acc"], test_acc=results["test_acc"])
         write_json_atomic(run_dir / RESULTS_FILE, results)

@@ -76,6 +76,8 @@ BAD_INPUTS = {
     "missing teacher": (["--model.init_args.teacher", "missing.safetensors"], "missing.safetensors"),
     "temperature <= 0": (["--model.init_args.temperature", "0"], "temperature"),
     "alpha > 1": (["--model.init_args.alpha", "1.5"], "alpha"),
+    "max_epochs 0": (["--trainer.max_epochs", "0"], "trainer.max_epochs=0 trains nothing"),
+    "limit_train_batches 0": (["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches=0 trains nothing"),
     # found in setup, after the run directory was claimed
     "teacher cache with augmentation": (["--model.init_args.cache_teacher_outputs", "true", "--data.augment", "jitter"],
                                         "cache_teacher_outputs"),
@@ -219,16 +221,19 @@ def test_bf16_mixed_precision_run(tmp_path):
     assert 0.0 < results["test_acc"] <= 1.0
 
 
-def test_ddp_two_cpu_processes(tmp_path):
-    """`distill fit ... --trainer.devices 2 --trainer.strategy ddp` through the console script."""
+@pytest.mark.parametrize("console", ["quiet", "default"])
+def test_ddp_two_cpu_processes(tmp_path, console):
+    """`distill fit ... --trainer.devices 2 --trainer.strategy ddp` through the console script, also with the default
+    console: its progress bar reads the logged values on rank 0 only, which must not start a collective there."""
     teacher = write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
-    command = [str(DISTILL), "fit", "--config", str(CONFIGS / "mnist5k/kd.yaml"), *QUIET,
-               "--model.init_args.teacher", str(teacher), "--trainer.max_epochs=1",
+    command = [str(DISTILL), "fit", "--config", str(CONFIGS / "mnist5k/kd.yaml"), *(QUIET if console == "quiet" else []),
+               "--model.init_args.teacher", str(teacher), "--trainer.max_epochs=2", "--data.train_subset=640",
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DISTILL_RUN_DIR", None)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync_dist=True" not in result.stderr  # no advice to sync values that are reduced already
     runs = sorted(Path("runs/mnist5k/kd").glob("version_*"))
     assert [r.name for r in runs] == ["version_0"]  # both processes logged into one run directory
     results = json.loads((runs[0] / "results.json").read_text())

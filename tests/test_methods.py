@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -417,3 +419,25 @@ def test_schedules_of_other_lengths_check_their_arguments():
         MultiStep(optimizer, milestones=[1], of_epochs=0)
     with pytest.raises(ConfigError, match="of_epochs scales a given T_max"):
         CosineAnnealing(optimizer, of_epochs=10)
+
+
+def test_a_fit_of_no_step_exports_nothing_and_leaves_latest_alone(tmp_path):
+    """From Python (the CLI refuses such a fit before work): results.json says so, no model, `latest` untouched."""
+    from distill.run import run_loggers
+
+    root = tmp_path / "runs"
+    trained = Supervised(student="mlp_30_30", image_size=16)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=run_loggers(root, "r"), enable_progress_bar=False)
+    trainer.fit(trained, datamodule=fake_datamodule())
+    first = finish_fit(trainer, trained, fake_datamodule())
+    assert first["model_file"] and (root / "r" / "latest").resolve() == Path(first["run_dir"]).resolve()
+    untrained = Supervised(student="mlp_30_30", image_size=16)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=0, accelerator="cpu", logger=run_loggers(root, "r"),
+                        enable_progress_bar=False)
+    trainer.fit(untrained, datamodule=fake_datamodule())
+    with pytest.warns(UserWarning, match="took no optimiser step, so no model.safetensors"):
+        second = finish_fit(trainer, untrained, fake_datamodule())
+    assert second["model_file"] is None and second["global_steps"] == 0
+    assert not (Path(second["run_dir"]) / "model.safetensors").exists()
+    assert json.loads((Path(second["run_dir"]) / "results.json").read_text())["model_file"] is None
+    assert (root / "r" / "latest").resolve() == Path(first["run_dir"]).resolve()  # still the trained run

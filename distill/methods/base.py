@@ -7,6 +7,7 @@ student's logits and named loss parts, the total under ``"loss"`` (mdistiller's 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,6 +38,15 @@ class TrainingBatch:
     indices: Tensor | None
     #: the step's batch index in its epoch (seeds per-batch randomness, e.g. PatientConsistentKD's crops)
     batch_idx: int
+
+
+#: Epoch-level values a method logs without ``sync_dist`` because they are already reduced or the same on every
+#: process. Lightning reduces a ``sync_dist`` value lazily, when something first reads it, and its progress bar reads
+#: on rank 0 only: under DDP with the default console rank 0 then ran a collective the other ranks did not, and the
+#: run aborted (gloo) or hung (NCCL). Lightning's advice to sync them is silenced for exactly these names.
+UNSYNCED_EPOCH_VALUES = r"lr|hp_metric|([a-z0-9_]+/)?val/acc_best|([a-z0-9_]+/)?train/[a-z0-9_/]+"
+warnings.filterwarnings("ignore", message=rf"It is recommended to use `self.log\('({UNSYNCED_EPOCH_VALUES})', \.\.\., "
+                        r"sync_dist=True\)`")
 
 
 def split_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -181,11 +191,14 @@ class DistillModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         optimizer = self.optimizers()
         optimizer = optimizer[0] if isinstance(optimizer, list) else optimizer
-        self.log("lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True, sync_dist=True)
+        # the same on every process: logged unsynchronised (see UNSYNCED_EPOCH_VALUES)
+        self.log("lr", optimizer.param_groups[0]["lr"], on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
-        if self.nonfinite_loss == "skip":
-            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=False, on_epoch=True)
+        if self.nonfinite_loss == "skip":  # every process's skips, summed here, in a hook all processes run
+            skipped = torch.tensor(float(self.skipped_nonfinite), device=self.device)
+            skipped = self.trainer.strategy.reduce(skipped, reduce_op="sum")
+            self.log("train/skipped_nonfinite", skipped, on_step=False, on_epoch=True)
 
     # ----------------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: Sequence[Tensor], stage: str) -> None:
@@ -205,8 +218,9 @@ class DistillModule(L.LightningModule):
             return
         accuracy, best = self.metrics.end_validation()
         self.last_validation = (self.global_step, accuracy)
-        self.log(f"{self.log_prefix}val/acc_best", best, sync_dist=True)
-        self.log("hp_metric", best, sync_dist=True)
+        # `best` is already the same on every process (torchmetrics reduces in compute): unsynchronised
+        self.log(f"{self.log_prefix}val/acc_best", best)
+        self.log("hp_metric", best)
 
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
