@@ -238,15 +238,32 @@ def save_network(network: nn.Module, spec: NetworkSpec, path: str | Path, **info
     so the file is all a later run needs to use the network as its teacher. The file is written to a
     temporary name and renamed, so an interrupted save never leaves a truncated file behind.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share memory; contiguous clones are always accepted
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}
     metadata = {"distill_spec": json.dumps(asdict(spec))}
     metadata.update({k: json.dumps(v) for k, v in info.items()})
+    content = deterministic_safetensors(tensors, metadata)
+    if path.is_file() and path.read_bytes() == content:
+        return path  # unchanged (a finished run resumed again): its bytes, and so its sha256, stay
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.write_bytes(content)
     tmp.replace(path)
     return path
+
+
+def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A ``.safetensors`` file's bytes, the same for the same tensors and metadata in every process.
+
+    The safetensors writer keeps the metadata in a hash map whose order changes from process to process, so the same
+    network saved twice had two sha256s, and a run distilled from it could no longer resume against it. The header
+    is written again here with its keys sorted (the data and its offsets are the writer's; readers accept any order).
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    return len(header).to_bytes(8, "little") + header + raw[8 + size:]

@@ -367,3 +367,36 @@ def test_every_method_resumes_exactly_in_process(method, tmp_path):
     assert resumed.get("stages") == whole.get("stages") or [
         {k: s[k] for k in ("stage", "best_val_acc", "test_acc")} for s in resumed["stages"]] == [
         {k: s[k] for k in ("stage", "best_val_acc", "test_acc")} for s in whole["stages"]]
+
+
+SAVE_IN_A_NEW_PROCESS = """
+import sys, torch
+from distill.models import create_model
+from distill.teachers import NetworkSpec, save_network
+torch.manual_seed(0)
+network = create_model("mlp_30_30", num_classes=10, in_channels=1, image_size=8)
+spec = NetworkSpec(model="mlp_30_30", num_classes=10, in_channels=1, image_size=8)
+save_network(network, spec, sys.argv[1], best_val_acc=0.5, test_acc=0.25, note="x")
+"""
+
+
+def test_an_export_has_the_same_bytes_in_every_process_and_is_not_rewritten_when_unchanged(tmp_path):
+    """safetensors keeps metadata in a hash map whose order changes per process: the same network saved in two
+    processes had two sha256s, so a run distilled from it could no longer resume after its teacher was re-exported."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from distill.teachers import load_network
+
+    files = [tmp_path / f"model{i}.safetensors" for i in range(3)]
+    for path in files:  # fresh interpreters: a new hash seed each
+        subprocess.run([sys.executable, "-c", SAVE_IN_A_NEW_PROCESS, str(path)], check=True)
+    digests = {hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+    assert len(digests) == 1
+    loaded = load_network(files[0], None, num_classes=10, in_channels=1, image_size=8)
+    assert loaded.describe()["model"] == "mlp_30_30"
+    before = files[0].stat()
+    subprocess.run([sys.executable, "-c", SAVE_IN_A_NEW_PROCESS, str(files[0])], check=True)
+    after = files[0].stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # left as it was
