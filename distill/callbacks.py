@@ -413,8 +413,9 @@ class PredictionWriter(BasePredictionWriter):
             for row in range(count):
                 writer.writerow([int(indices[row]), "" if labels is None else int(labels[row]), int(predicted[row]),
                                  f"{float(confidence[row]):.6f}"])
-        save_file({"probabilities": probabilities.contiguous(), "indices": indices.contiguous()},
-                  str(self.directory / f"probabilities{suffix}.safetensors"))
+        stored = self.directory / f"probabilities{suffix}.safetensors"
+        save_file({"probabilities": probabilities.contiguous(), "indices": indices.contiguous()}, str(stored))
+        teacher_cache.give_default_mode(stored)
 
 
 __all__ = ["PredictionWriter", "SpeedOptions", "EvalTeacherCache", "LRScaling", "TrainingThroughput", "EpochTrainingMetrics",

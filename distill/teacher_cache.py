@@ -119,7 +119,19 @@ def read(path: Path, key: CacheKey, size: int) -> tuple[Tensor | None, str]:
     logits = tensors.get("logits")
     if logits is None or logits.dim() != 2 or logits.shape[0] != size:
         return None, f"partial: {0 if logits is None else logits.shape[0]} of {size} rows"
+    if "sha256" not in metadata:
+        return None, "unchecked: no checksum of its contents (written by an earlier version)"
+    if contents_sha256(logits) != metadata["sha256"]:
+        return None, "damaged: its contents differ from the checksum written with them"
+    bad_rows = int((~torch.isfinite(logits).all(dim=1)).sum())
+    if bad_rows:
+        return None, f"damaged: {bad_rows} rows are not finite"
     return logits, "ok"
+
+
+def contents_sha256(logits: Tensor) -> str:
+    """sha256 of the logits as stored (float32, row-major): a permuted, edited or partly overwritten file differs."""
+    return hashlib.sha256(logits.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def write(path: Path, key: CacheKey, logits: Tensor) -> Path:
@@ -128,10 +140,20 @@ def write(path: Path, key: CacheKey, logits: Tensor) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    metadata = {"format": FORMAT, "key": json.dumps(asdict(key), sort_keys=True)}
-    save_file({"logits": logits.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
+    logits = logits.detach().float().cpu().contiguous()
+    metadata = {"format": FORMAT, "key": json.dumps(asdict(key), sort_keys=True), "sha256": contents_sha256(logits)}
+    save_file({"logits": logits}, str(tmp), metadata=metadata)
+    give_default_mode(tmp)
     tmp.replace(path)
     return path
+
+
+def give_default_mode(path: Path) -> None:
+    """The permissions any new file of this process gets (``0o666`` less the umask): the safetensors writer creates
+    its files ``0o600``, which left caches unreadable to the group a shared cache folder is meant for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @torch.no_grad()
@@ -171,9 +193,9 @@ def load_or_build(
     Lightning strategy (for its ``barrier``) under distributed training, else ``None``.
     """
     logits, why = read(path, key, size)
-    if logits is None and pinned and why.startswith(("stale", "not a teacher")):
+    if logits is None and pinned and why.startswith(("stale", "not a teacher", "damaged", "unchecked")):
         raise ConfigError(
-            f"teacher cache {path} does not belong to this run ({why}); delete it, or set another "
+            f"teacher cache {path} cannot be used for this run ({why}); delete it (it is rebuilt), or set another "
             "teacher cache path (or none, for an automatic one)."
         )
     status = "loaded"

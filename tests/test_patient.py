@@ -3,6 +3,8 @@ fixed teacher's cache, and the optimisation recipe."""
 
 from __future__ import annotations
 
+import json
+
 import copy
 import csv
 import inspect
@@ -323,6 +325,56 @@ def test_a_pinned_stale_cache_is_an_error_and_kept(teacher_file, tmp_path):
     assert pinned.read_bytes() == content
 
 
+def _rewrite_cache(path, change):
+    """The cache file with its logits changed by ``change`` and its header (key, checksum) kept."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file({"logits": change(load_file(str(path))["logits"]).contiguous()}, str(path), metadata=metadata)
+
+
+def test_a_cache_whose_contents_were_changed_is_rebuilt_and_a_pinned_one_refused(teacher_file, tmp_path):
+    """Rows permuted or not finite under an intact header: the checksum written with the logits catches it."""
+    model = make(teacher_file, "fixed")
+    _fit_fixed(model)
+    path, good = model.cache_path, model.cached_logits.cpu().clone()
+    for change, why in ((lambda x: x.flip(0), "its contents differ from the checksum"),
+                        (lambda x: torch.where(torch.arange(len(x))[:, None] == 3, float("nan"), x), "differ")):
+        _rewrite_cache(path, change)
+        logits, reason = teacher_cache.read(path, teacher_cache.CacheKey(**json.loads(_metadata(path)["key"])), len(good))
+        assert logits is None and reason.startswith("damaged") and why in reason
+        again = make(teacher_file, "fixed")
+        calls = _count_teacher_calls(again)
+        _fit_fixed(again)
+        assert calls["build"] == 3  # rebuilt, not used
+        torch.testing.assert_close(again.cached_logits.cpu(), good)
+    pinned = tmp_path / "mine.safetensors"
+    _fit_fixed(make(teacher_file, "fixed", teacher_cache=str(pinned)))
+    _rewrite_cache(pinned, lambda x: x.flip(0))
+    content = pinned.read_bytes()
+    with pytest.raises(ConfigError, match=f"teacher cache {pinned} cannot be used for this run \\(damaged"):
+        _fit_fixed(make(teacher_file, "fixed", teacher_cache=str(pinned)))
+    assert pinned.read_bytes() == content  # refused, not overwritten
+
+
+def _metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def test_a_cache_with_a_consistent_checksum_but_non_finite_rows_is_damaged(tmp_path):
+    key = teacher_cache.CacheKey("t", "v", "d")
+    logits = torch.randn(4, 3)
+    logits[2, 1] = float("inf")
+    path = teacher_cache.write(tmp_path / "c.safetensors", key, logits)
+    assert teacher_cache.read(path, key, 4) == (None, "damaged: 1 rows are not finite")
+    assert teacher_cache.read(teacher_cache.write(path, key, torch.randn(4, 3)), key, 4)[1] == "ok"
+
+
 def test_cache_key_covers_the_data(teacher_file):
     labels = torch.arange(10).numpy()
     one = teacher_cache.data_fingerprint("fake", "train", labels)
@@ -595,3 +647,15 @@ def test_end_of_schedule_test_loads_no_hpc_checkpoint_under_slurm(teacher_file, 
     results = finish_fit(trainer, model, data)
     assert results["end_of_schedule"]["test"]["test/loss"] == pytest.approx(final_loss, rel=1e-5)
     assert not list(tmp_path.rglob("end_of_schedule.ckpt"))  # the temporary checkpoint is gone
+
+
+def test_a_cache_file_gets_the_permissions_of_any_new_file(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = teacher_cache.write(tmp_path / "c.safetensors", teacher_cache.CacheKey("t", "v", "d"), torch.zeros(2, 2))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not the safetensors writer's 0o600
