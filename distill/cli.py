@@ -66,6 +66,13 @@ def check_trains_something(trainer: dict[str, Any]) -> None:
                               "or use `distill validate`/`distill test` to evaluate without training.")
 
 
+def _has_content(path: Any, sha256: str | None) -> bool:
+    """Whether ``path`` names a file whose sha256 is ``sha256``."""
+    from distill.teachers import sha256_of
+
+    return bool(sha256) and isinstance(path, str) and Path(path).is_file() and sha256_of(path) == sha256
+
+
 class DistillCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.results: dict[str, Any] | None = None
@@ -124,9 +131,46 @@ class DistillCLI(LightningCLI):
         # is missing, corrupt or carries pickled code must be one clear error, not a traceback.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        checkpoint = None
         if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
-            safe_torch_load(Path(ckpt_path))
-        super()._parse_ckpt_path()
+            checkpoint = safe_torch_load(Path(ckpt_path))
+        given = self._model_arguments()
+        super()._parse_ckpt_path()  # the checkpoint's method arguments replace the configured ones
+        if subcommand == "fit" and isinstance(checkpoint, dict) and checkpoint.get("hyper_parameters"):
+            self._check_resumed_arguments(given, checkpoint, Path(ckpt_path))
+
+    def _model_arguments(self) -> dict[str, Any]:
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        return model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+
+    def _check_resumed_arguments(self, given: dict[str, Any], checkpoint: dict[str, Any], ckpt_path: Path) -> None:
+        """A resumed fit runs with the method arguments it started with (Lightning takes them from the checkpoint):
+        an argument given otherwise is refused, not silently dropped. The teacher is the file the run started
+        with, found by its content: a ``latest`` link that moved since, or the same file named by another path."""
+        resumed = self._model_arguments()
+        before, after = given.get("init_args") or {}, resumed.get("init_args") or {}
+        changed = sorted(k for k in set(before) | set(after) if k not in DATA_FACTS and before.get(k) != after.get(k))
+        if given.get("class_path") != resumed.get("class_path"):
+            changed.insert(0, "class_path")
+        recorded = checkpoint.get("teacher") or {}
+        subcommand = self.config["subcommand"]
+        if "teacher" in changed and _has_content(before.get("teacher"), recorded.get("sha256")):
+            changed.remove("teacher")  # the run's teacher under another name: used, and recorded in the config
+            self.config[subcommand]["model.init_args.teacher"] = before["teacher"]
+        elif "teacher" not in changed and recorded.get("sha256") and isinstance(after.get("teacher"), str) \
+                and not _has_content(after["teacher"], recorded["sha256"]) \
+                and _has_content(recorded.get("resolved_path"), recorded["sha256"]):
+            self.config[subcommand]["model.init_args.teacher"] = recorded["resolved_path"]
+            print(f"distill: {after['teacher']} is no longer the teacher this run started with; resuming with that "
+                  f"file, {recorded['resolved_path']} (sha256 {recorded['sha256'][:12]}…)", file=sys.stderr)
+        if changed:
+            run_dir = ckpt_path.parent.parent
+            listed = ", ".join(f"{key} (given {before.get(key)!r}, the run's {after.get(key)!r})" for key in changed)
+            raise ConfigError(f"a resumed run continues with the method arguments it started with; these differ from "
+                              f"its checkpoint: {listed}. Resume without them, or start a new run with them: "
+                              f"distill fit --config {run_dir / 'config.yaml'} "
+                              + " ".join(f"--model.init_args.{k} {before.get(k)!r}" for k in changed if k != "class_path"))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -63,8 +63,10 @@ class LoadedNetwork:
     sha256: str | None
 
     def describe(self) -> dict[str, Any]:
-        """What a run records about its teacher instead of the teacher's weights."""
-        return {"path": self.path, "sha256": self.sha256, **asdict(self.spec)}
+        """What a run records about its teacher instead of the teacher's weights: the path as given, the file it
+        named then (``resolved_path``: a ``latest`` link may move later) and the file's sha256."""
+        resolved = str(Path(self.path).resolve()) if self.path and Path(self.path).is_file() else None
+        return {"path": self.path, "resolved_path": resolved, "sha256": self.sha256, **asdict(self.spec)}
 
 
 def sha256_of(path: str | Path) -> str:

@@ -400,3 +400,31 @@ def test_an_export_has_the_same_bytes_in_every_process_and_is_not_rewritten_when
     subprocess.run([sys.executable, "-c", SAVE_IN_A_NEW_PROCESS, str(files[0])], check=True)
     after = files[0].stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # left as it was
+
+
+def test_a_resume_keeps_the_runs_arguments_and_finds_its_teacher_by_content(tmp_path, capsys):
+    """Method arguments given on --resume are refused with the reason (Lightning would drop them silently); the
+    teacher is the file the run started with, even after `latest` moved to a retrained teacher."""
+    teacher_config = tiny_config(tmp_path, epochs=1)
+    first_teacher = fit("--config", str(teacher_config), "--run_name", "t").results["model_file"]
+    latest = str(Path(first_teacher).parent.parent / "latest" / "model.safetensors")
+    kd_config = tiny_config(tmp_path, method="BaselineKD", epochs=1)
+    kd = Path(fit("--config", str(kd_config), "--model.init_args.teacher", latest, "--run_name", "kd").results["run_dir"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        fit("--resume", str(kd), "--trainer.max_epochs=2", "--model.init_args.temperature", "8")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "a resumed run continues with the method arguments it started with" in error
+    assert "temperature (given 8.0, the run's 4.0)" in error and f"--config {kd / 'config.yaml'}" in error
+    assert not (kd / "config.resume-1.yaml").exists()  # refused before anything was written
+    # the teacher retrained: `latest` now names another file
+    fit("--config", str(teacher_config), "--run_name", "t", "--seed_everything", "1")
+    assert Path(latest).resolve() != Path(first_teacher).resolve()
+    resumed = fit("--resume", str(kd), "--trainer.max_epochs=2").results
+    assert "is no longer the teacher this run started with; resuming with that file" in capsys.readouterr().err
+    assert resumed["epochs"] == 2 and resumed["teacher"]["sha256"] == json.loads(
+        (kd / "results.json").read_text())["teacher"]["sha256"]
+    assert Path(resumed["teacher"]["path"]).resolve() == Path(first_teacher).resolve()
+    # naming the original file explicitly is the same teacher: accepted
+    again = fit("--resume", str(kd), "--trainer.max_epochs=3", "--model.init_args.teacher", first_teacher).results
+    assert again["epochs"] == 3 and again["teacher"]["path"] == first_teacher
