@@ -26,10 +26,11 @@ import lightning.pytorch as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from distill.callbacks import PredictionWriter
-from distill.errors import ConfigError, DistillError
+from distill.errors import CheckpointError, ConfigError, DistillError
 from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, preemptible_after_training
-from distill.run import DISTILL_DATA_MODULE, RUN_DIR_ENV, finish_fit, next_numbered_dir, next_version_dir, run_loggers
+from distill.reliability.checkpoints import fork_run
+from distill.run import DISTILL_DATA_MODULE, EXPORT_FILE, RESULTS_FILE, RUN_DIR_ENV, write_json_atomic, finish_fit, next_numbered_dir, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load
 
 # test/predict of a run's checkpoint log into a folder inside the run; the checkpoint callback's recorded
@@ -76,6 +77,7 @@ def _has_content(path: Any, sha256: str | None) -> bool:
 class DistillCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self.results: dict[str, Any] | None = None
+        self._extends: Path | None = None  # the finished run that this fit extends, in a new version
         # `data:` is DistillDataModule's arguments unless the command names another DataModule; only then is there
         # no default class, since jsonargparse would carry the default's values (batch_size, ...) over to yours
         self._data_default = None if names_own_datamodule(sys.argv[1:] if args is None else args) \
@@ -191,7 +193,7 @@ class DistillCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             run_dir = self._run_dir()
             kwargs["logger"] = run_loggers(trainer_config.get("default_root_dir") or "runs", "", run_dir,
-                                           resume=self._resumed_run_dir() == run_dir)
+                                           resume=run_dir in (self._resumed_run_dir(), self._extends))
             if trainer_config.get("fast_dev_run"):
                 # Lightning runs fast_dev_run without loggers, so its files would land in default_root_dir
                 # itself: give it the run's own directory instead
@@ -219,7 +221,18 @@ class DistillCLI(LightningCLI):
             return Path(inherited)
         subcommand = self.config.get("subcommand")
         evaluated = self._checkpoint_run_dir()
-        if subcommand == "fit" and evaluated is not None:  # a resumed run continues in its own directory
+        if subcommand == "fit" and evaluated is not None and (evaluated / RESULTS_FILE).is_file():
+            # a finished run is never rewritten: extending it (--resume with more epochs) continues a copy of it in
+            # the next version (logs and checkpoints, their paths moved there), whose results.json names the run
+            # it extends (extended_from)
+            run_dir = next_numbered_dir(evaluated.parent, "version_")
+            fork_run(evaluated, run_dir, leave_out=(RESULTS_FILE, EXPORT_FILE, "latest"))
+            ckpt_path = str(run_dir / Path(self._get(self.config, "ckpt_path")).relative_to(evaluated))
+            self.config[subcommand]["ckpt_path"] = ckpt_path
+            if self.config_init is not None and subcommand in self.config_init:
+                self.config_init[subcommand]["ckpt_path"] = ckpt_path
+            self._extends = evaluated
+        elif subcommand == "fit" and evaluated is not None:  # a stopped run continues in its own directory
             run_dir = evaluated
         elif evaluated is not None:  # test/validate/predict of a run's checkpoint: inside that run, test_N/...
             run_dir = next_numbered_dir(evaluated, f"{subcommand}_")
@@ -252,6 +265,10 @@ class DistillCLI(LightningCLI):
                 config=self.config_dump, seed=self._get(self.config, "seed_everything"),
                 started=self._fit_started,
             )
+            if self._extends is not None:
+                self.results["extended_from"] = str(self._extends)
+                if self.trainer.is_global_zero:
+                    write_json_atomic(Path(self.results["run_dir"]) / RESULTS_FILE, self.results)
         if self.trainer.is_global_zero:
             run_dir = self.results["run_dir"]
             best, test_acc = self.results["best_val_acc"], self.results["test_acc"]
@@ -380,6 +397,30 @@ def recipe_arguments(args: list[str]) -> list[str]:
     return expanded
 
 
+def intact_checkpoint(last: Path) -> Path:
+    """``last`` if it loads; else the newest other checkpoint of its folder that loads, with a warning, after moving
+    the damaged ``last.ckpt`` aside (``last.ckpt.damaged``, kept) so that the resumed run's ``last.ckpt`` takes its
+    place. None intact: one error naming them all."""
+    try:
+        safe_torch_load(last)
+        return last
+    except DistillError as damage:
+        reason = str(damage)
+    others = sorted((p for p in last.parent.glob("*.ckpt") if p != last), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in others:
+        try:
+            safe_torch_load(candidate)
+        except DistillError:
+            continue
+        kept = last.with_name(last.name + ".damaged")
+        last.replace(kept)
+        print(f"distill: {last} is damaged ({reason}); resuming from {candidate}, the newest intact checkpoint "
+              f"(the damaged file is kept as {kept.name})", file=sys.stderr)
+        return candidate
+    raise CheckpointError(f"cannot resume: {reason} and no other checkpoint in {last.parent} is intact "
+                          f"({', '.join(p.name for p in others) or 'there is none'}); start the run again.")
+
+
 def resume_arguments(args: list[str]) -> list[str]:
     """``fit --resume RUN_DIR ...`` → ``fit --config RUN_DIR/config.yaml ... --ckpt_path RUN_DIR/checkpoints/last.ckpt``.
 
@@ -402,7 +443,7 @@ def resume_arguments(args: list[str]) -> list[str]:
             rest = args[:position] + args[value_at + 1:]
             if not rest or rest[0] != "fit":
                 raise ConfigError("--resume works with `distill fit --resume RUN_DIR`.")
-            return [rest[0], "--config", str(config), *rest[1:], "--ckpt_path", str(last)]
+            return [rest[0], "--config", str(config), *rest[1:], "--ckpt_path", str(intact_checkpoint(last))]
     return args
 
 

@@ -287,11 +287,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _point_latest(run_dir: Path) -> None:
-    """``<name>/latest`` → the newest finished version, so configs can name a teacher by a stable path."""
+    """``<name>/latest`` → the newest finished version (the highest ``version_N`` with a ``results.json``), so
+    configs can name a teacher by a stable path; an older run that finishes later does not take it back."""
     link = run_dir.parent / "latest"
+    finished = [d for d in run_dir.parent.glob("version_*") if (d / RESULTS_FILE).is_file() and d.name[8:].isdigit()]
+    newest = max(finished, key=lambda d: int(d.name[8:]), default=run_dir)
     tmp = run_dir.parent / f".latest.{os.getpid()}"
     try:
-        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        tmp.symlink_to(newest.name, target_is_directory=True)
         tmp.replace(link)
     except OSError:  # file systems without symlinks: the versioned path still works
         tmp.unlink(missing_ok=True)

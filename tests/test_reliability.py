@@ -428,3 +428,48 @@ def test_a_resume_keeps_the_runs_arguments_and_finds_its_teacher_by_content(tmp_
     # naming the original file explicitly is the same teacher: accepted
     again = fit("--resume", str(kd), "--trainer.max_epochs=3", "--model.init_args.teacher", first_teacher).results
     assert again["epochs"] == 3 and again["teacher"]["path"] == first_teacher
+
+
+def test_extending_a_finished_run_makes_a_new_version_and_latest_stays_on_the_newest(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    first = Path(fit("--config", str(config), "--run_name", "x").results["run_dir"])
+    kept = {name: (first / name).read_bytes() for name in ("results.json", "model.safetensors", "config.yaml")}
+    extended = fit("--resume", str(first), "--trainer.max_epochs=2").results
+    second = Path(extended["run_dir"])
+    assert second == first.parent / "version_1" and extended["epochs"] == 2
+    assert extended["extended_from"] == str(first)  # where it came from
+    assert json.loads((second / "results.json").read_text())["extended_from"] == str(first)
+    assert {name: (first / name).read_bytes() for name in kept} == kept  # the finished run is untouched
+    assert (first.parent / "latest").resolve() == second.resolve()
+    # an older run that finishes after a newer one does not take `latest` back
+    stopped = Path(fit("--config", str(config), "--run_name", "x").results["run_dir"])  # version_2
+    (stopped / "results.json").rename(stopped / "results-interrupted.json")  # as if stopped before its end
+    newest = Path(fit("--config", str(config), "--run_name", "x").results["run_dir"])  # version_3
+    finished = Path(fit("--resume", str(stopped)).results["run_dir"])
+    assert finished == stopped and (stopped / "results.json").is_file()
+    assert (first.parent / "latest").resolve() == newest.resolve()
+
+
+def test_a_damaged_last_checkpoint_resumes_from_the_newest_intact_one_and_is_replaced(tmp_path, capsys):
+    config = tiny_config(tmp_path, epochs=1)
+    run = Path(fit("--config", str(config)).results["run_dir"])
+    (run / "results.json").rename(run / "results-stopped.json")  # as if stopped before its end
+    last = run / "checkpoints" / "last.ckpt"
+    damaged = last.read_bytes()[:300]
+    last.write_bytes(damaged)  # truncated
+    (best,) = [p for p in (run / "checkpoints").glob("best-*.ckpt")]
+    resumed = fit("--resume", str(run), "--trainer.max_epochs=2").results
+    err = capsys.readouterr().err
+    assert f"{last} is damaged (cannot read {last}" in err and f"resuming from {best}" in err
+    assert resumed["run_dir"] == str(run) and resumed["epochs"] == 2 and resumed["resumed_from"] == str(best)
+    assert safe_torch_load(last)["epoch"] == 1  # the recovered run's last.ckpt took the damaged one's place
+    assert (run / "checkpoints" / "last.ckpt.damaged").read_bytes() == damaged  # kept, not lost
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))
+    # nothing intact: one error naming what is there
+    for path in (run / "checkpoints").glob("*.ckpt"):
+        path.write_bytes(b"garbage")
+    (run / "results.json").rename(run / "results-again.json")
+    with pytest.raises(SystemExit):
+        fit("--resume", str(run))
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot resume: cannot read" in error and "no other checkpoint" in error and "best-epoch" in error

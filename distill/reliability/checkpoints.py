@@ -66,3 +66,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         return safe_torch_load(Path(path), map_location=map_location)
+
+
+def relocated(value: Any, source: Path, target: Path) -> Any:
+    """``value`` (a checkpoint, or any part) with every path string under ``source`` moved under ``target``."""
+    if isinstance(value, dict):
+        return {relocated(k, source, target): relocated(v, source, target) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(relocated(v, source, target) for v in value)
+    if isinstance(value, str):
+        for prefix in dict.fromkeys((str(source), str(source.resolve()))):
+            if value == prefix or value.startswith(prefix + os.sep):
+                return str(target) + value[len(prefix):]
+    return value
+
+
+def fork_run(source: Path, target: Path, leave_out: tuple[str, ...]) -> None:
+    """Copies a finished run's directory into ``target`` (an empty new version) but for ``leave_out`` (its results
+    and exports), and moves the paths its checkpoints hold (the checkpoint callback's best and last files, stage
+    exports) to ``target``: resuming from there continues the run exactly, and the source is never written."""
+    import shutil
+
+    for item in source.iterdir():
+        if item.name in leave_out or item.name.startswith((".", "test_", "validate_", "predict_")):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target / item.name)
+        else:
+            shutil.copy2(item, target / item.name)
+    for checkpoint in (target / "checkpoints").glob("*.ckpt"):
+        write_atomic(relocated(safe_torch_load(checkpoint), source, target), checkpoint)
+
