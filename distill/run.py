@@ -290,6 +290,10 @@ def _point_latest(run_dir: Path) -> None:
     """``<name>/latest`` → the newest finished version (the highest ``version_N`` with a ``results.json``), so
     configs can name a teacher by a stable path; an older run that finishes later does not take it back."""
     link = run_dir.parent / "latest"
+    if link.exists() and not link.is_symlink():  # a folder or file of the user's: never replaced, but said
+        warnings.warn(f"{link} is not a link, so it was not pointed at {run_dir}: remove or rename it, and the next "
+                      "finished run points it at the newest version.", UserWarning, stacklevel=2)
+        return
     finished = [d for d in run_dir.parent.glob("version_*") if (d / RESULTS_FILE).is_file() and d.name[8:].isdigit()]
     newest = max(finished, key=lambda d: int(d.name[8:]), default=run_dir)
     tmp = run_dir.parent / f".latest.{os.getpid()}"

@@ -473,3 +473,13 @@ def test_a_damaged_last_checkpoint_resumes_from_the_newest_intact_one_and_is_rep
         fit("--resume", str(run))
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot resume: cannot read" in error and "no other checkpoint" in error and "best-epoch" in error
+
+
+def test_a_latest_that_is_a_real_folder_is_left_alone_and_said(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    mine = tmp_path / "runs" / "y" / "latest"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match="latest is not a link, so it was not pointed at"):
+        fit("--config", str(config), "--run_name", "y")
+    assert (mine / "notes.txt").read_text() == "mine" and not mine.is_symlink()
