@@ -26,7 +26,7 @@ import lightning.pytorch as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from distill.callbacks import PredictionWriter
-from distill.errors import CheckpointError, ConfigError, DistillError
+from distill.errors import CheckpointError, ConfigError, DistillError, storage_error
 from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, preemptible_after_training
 from distill.reliability.checkpoints import fork_run
@@ -459,11 +459,14 @@ def _one_line_parse_error(parser: LightningArgumentParser, message: str, ex: Exc
 
 
 def _user_error(err: BaseException | None) -> DistillError | None:
-    """The DistillError behind ``err``: jsonargparse wraps errors raised while building classes."""
+    """The DistillError behind ``err`` (jsonargparse wraps errors raised while building classes), or the
+    :class:`~distill.errors.StorageError` of a full disk, a missing permission or a file where a folder should be."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, DistillError):
             return err
+        if isinstance(err, OSError) and storage_error(err) is not None:
+            return storage_error(err)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -31,3 +31,32 @@ class CheckpointError(DistillError):
 
 class NonFiniteLossError(DistillError, FloatingPointError):
     """A training loss became NaN or infinite; the message names the step and the loss part."""
+
+
+class StorageError(DistillError, OSError):
+    """A file or folder a run needs cannot be written: no space, no permission, or a file where a folder should be."""
+
+
+#: errno → what to do about it, for the storage errors the CLI reports in one line
+STORAGE_HINTS = {
+    "ENOSPC": "free some space; the last checkpoint written before is intact, so continue with "
+              "`distill fit --resume RUN_DIR`",
+    "EDQUOT": "free some of your quota; the last checkpoint written before is intact, so continue with "
+              "`distill fit --resume RUN_DIR`",
+    "EACCES": "check its permissions, or set --trainer.default_root_dir to a folder you can write",
+    "EPERM": "check its permissions, or set --trainer.default_root_dir to a folder you can write",
+    "EROFS": "it is on a read-only file system; set --trainer.default_root_dir to a writable folder",
+    "ENOTDIR": "a part of its path is a file, not a folder; set --trainer.default_root_dir to a folder",
+}
+
+
+def storage_error(err: OSError) -> StorageError | None:
+    """The one-line :class:`StorageError` for an ``OSError`` of :data:`STORAGE_HINTS`, else None."""
+    import errno
+
+    name = errno.errorcode.get(err.errno or 0)
+    if name not in STORAGE_HINTS:
+        return None
+    where = err.filename if err.filename is not None else "a file"
+    return StorageError(f"cannot write {where}: {err.strerror or name}; {STORAGE_HINTS[name]}.")
+

@@ -483,3 +483,35 @@ def test_a_latest_that_is_a_real_folder_is_left_alone_and_said(tmp_path):
     with pytest.warns(UserWarning, match="latest is not a link, so it was not pointed at"):
         fit("--config", str(config), "--run_name", "y")
     assert (mine / "notes.txt").read_text() == "mine" and not mine.is_symlink()
+
+
+def test_unwritable_output_and_a_full_disk_are_one_line_errors_and_keep_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import errno
+
+    from distill.reliability import checkpoints
+
+    config = tiny_config(tmp_path, epochs=2)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        fit("--config", str(config), "--trainer.default_root_dir", str(tmp_path / "a_file" / "runs"))
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert error.startswith("distill: error: cannot write ") and "a part of its path is a file, not a folder" in error
+    saves, real_save = [], torch.save
+
+    def full_disk_after_the_first_epoch(obj, handle, *args, **kwargs):
+        saves.append(handle)
+        if len(saves) > 2:  # the first epoch's best and last checkpoints were written
+            raise OSError(errno.ENOSPC, "No space left on device", getattr(handle, "name", None))
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk_after_the_first_epoch)
+    with pytest.raises(SystemExit) as exit_info:
+        fit("--config", str(config), "--run_name", "full")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "No space left on device; free some space" in error
+    assert "distill fit --resume RUN_DIR" in error
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    (last,) = (tmp_path / "runs" / "full").glob("version_*/checkpoints/last.ckpt")
+    assert safe_torch_load(last)["epoch"] == 0  # the checkpoint before the full disk, intact
