@@ -513,3 +513,19 @@ def test_training_order_depends_only_on_seed_and_epoch():
     assert order(3, 0) == order(3, 1000)
     assert order(3, 0) != order(4, 0)
     assert sorted(order(3, 0)) == list(range(40))
+
+
+def test_imagefolder_with_an_empty_class_folder_is_an_error_before_any_run_directory(tmp_path, monkeypatch, capsys):
+    from distill.cli import main
+
+    root = image_tree(tmp_path / "data")
+    (root / "train" / "dog").mkdir()  # a class folder without images (torchvision refused it only in setup)
+    (root / "train" / "eel").mkdir()
+    (root / "train" / "eel" / "notes.txt").write_text("no image")
+    with pytest.raises(DataNotFoundError, match="the class folders dog, eel of .* hold no image files"):
+        DistillDataModule("imagefolder", data_dir=str(root))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.dataset", "imagefolder",
+              "--data.data_dir", str(root), "--trainer.max_epochs", "1"])
+    assert "hold no image files" in capsys.readouterr().err and not (tmp_path / "runs").exists()

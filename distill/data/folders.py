@@ -26,6 +26,12 @@ def class_folders(directory: Path) -> list[str]:
         return sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
 
 
+def has_image(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file (stops at the first one: cheap even for ImageNet's folders)."""
+    with os.scandir(folder) as entries:
+        return any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries)
+
+
 def first_image(directory: Path, classes: list[str]) -> Path | None:
     for name in classes:
         for file in sorted(os.listdir(directory / name)):
@@ -69,6 +75,11 @@ class ImageFolderSource(Source):
             raise DataNotFoundError(
                 f"{self.name}: {self.train_dir.absolute()} has no class folders; expected {self.layout_hint}."
             )
+        empty = [name for name in self._classes if not has_image(self.train_dir / name)]
+        if empty:  # torchvision would refuse it only when the run has started
+            raise self._missing(f"the class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])} of "
+                                f"{self.train_dir.absolute()} hold{'' if len(empty) > 1 else 's'} no image files "
+                                f"({', '.join(IMG_EXTENSIONS)}): add images or remove the folder")
         for directory in (self.test_dir, self.val_dir):
             if directory is not None:
                 self._check_no_extra_classes(directory)
