@@ -15,6 +15,7 @@ import yaml
 
 from conftest import REPO, write_teacher
 from distill.cli import DistillCLI, config_lines, main, recipe_arguments
+from distill.methods import METHODS
 from test_cli_recipe import config_files
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -299,3 +300,23 @@ def test_test_and_predict_write_into_the_run_they_evaluate_and_predict_saves_its
     assert saved["probabilities"].shape == (48, 10)
     torch.testing.assert_close(saved["probabilities"].sum(dim=1), torch.ones(48))
     assert [int(r["predicted"]) for r in rows] == saved["probabilities"].argmax(dim=1).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_under_ddp_with_the_default_console(method, tmp_path):
+    """Two CPU processes, the progress bar on: every method logs the same collectives on every rank."""
+    from distill.tools import killtest
+
+    config = killtest.method_config(method, tmp_path, epochs=2, train_size=128)
+    config["trainer"].update(enable_progress_bar=True, devices=2, strategy="ddp")
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DISTILL_RUN_DIR", None)
+    result = subprocess.run([str(DISTILL), "fit", "--config", str(path)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync_dist=True" not in result.stderr
+    (run,) = (tmp_path / "runs").glob("*/*/version_0")
+    assert json.loads((run / "results.json").read_text())["config"]["trainer"]["devices"] in (2, "2")
