@@ -31,7 +31,7 @@ from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, preemptible_after_training
 from distill.reliability.checkpoints import fork_run
 from distill.run import DISTILL_DATA_MODULE, EXPORT_FILE, RESULTS_FILE, RUN_DIR_ENV, write_json_atomic, finish_fit, next_numbered_dir, next_version_dir, run_loggers
-from distill.teachers import safe_torch_load
+from distill.teachers import safe_torch_load, sha256_of
 
 # test/predict of a run's checkpoint log into a folder inside the run; the checkpoint callback's recorded
 # dirpath then differs, which matters only to a fit
@@ -69,8 +69,6 @@ def check_trains_something(trainer: dict[str, Any]) -> None:
 
 def _has_content(path: Any, sha256: str | None) -> bool:
     """Whether ``path`` names a file whose sha256 is ``sha256``."""
-    from distill.teachers import sha256_of
-
     return bool(sha256) and isinstance(path, str) and Path(path).is_file() and sha256_of(path) == sha256
 
 

@@ -38,13 +38,13 @@ class StorageError(DistillError, OSError):
 
 
 #: errno → what to do about it, for the storage errors the CLI reports in one line
+_RESUME = "the last checkpoint written before is intact, so continue with `distill fit --resume RUN_DIR`"
+_PERMISSION = "check its permissions, or set --trainer.default_root_dir to a folder you can write"
 STORAGE_HINTS = {
-    "ENOSPC": "free some space; the last checkpoint written before is intact, so continue with "
-              "`distill fit --resume RUN_DIR`",
-    "EDQUOT": "free some of your quota; the last checkpoint written before is intact, so continue with "
-              "`distill fit --resume RUN_DIR`",
-    "EACCES": "check its permissions, or set --trainer.default_root_dir to a folder you can write",
-    "EPERM": "check its permissions, or set --trainer.default_root_dir to a folder you can write",
+    "ENOSPC": f"free some space; {_RESUME}",
+    "EDQUOT": f"free some of your quota; {_RESUME}",
+    "EACCES": _PERMISSION,
+    "EPERM": _PERMISSION,
     "EROFS": "it is on a read-only file system; set --trainer.default_root_dir to a writable folder",
     "ENOTDIR": "a part of its path is a file, not a folder; set --trainer.default_root_dir to a folder",
 }

@@ -70,11 +70,16 @@ def next_version_dir(root: str | Path, name: str) -> Path:
     return next_numbered_dir(Path(root) / name, "version_")
 
 
+def dir_number(path: Path, prefix: str = "version_") -> int | None:
+    """N of a directory named ``<prefix>N``, else None."""
+    match = re.fullmatch(rf"{re.escape(prefix)}(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
 def next_numbered_dir(parent: Path, prefix: str) -> Path:
     """``parent/<prefix>N``, N one above the highest taken, claimed with an exclusive ``mkdir``."""
     parent.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(rf"{re.escape(prefix)}(\d+)")
-    taken = [int(m.group(1)) for p in parent.glob(f"{prefix}*") if (m := pattern.fullmatch(p.name))]
+    taken = [n for p in parent.glob(f"{prefix}*") if (n := dir_number(p, prefix)) is not None]
     number = max(taken, default=-1) + 1
     while True:
         claimed = parent / f"{prefix}{number}"
@@ -93,9 +98,9 @@ def run_loggers(root: str | Path, name: str, version_dir: Path | None = None, re
     """
     version_dir = version_dir or next_version_dir(root, name)
     save_dir, name, version = str(version_dir.parent.parent), version_dir.parent.name, version_dir.name
-    number = re.fullmatch(r"version_(\d+)", version)
     # an integer version is the same directory (Lightning names it version_N) and shows as v_num=N, not "on_N"
-    version = int(number.group(1)) if number else version
+    number = dir_number(version_dir)
+    version = number if number is not None else version
     return [
         TensorBoardLogger(save_dir=save_dir, name=name, version=version),
         (_AppendingCSVLogger if resume else CSVLogger)(save_dir=save_dir, name=name, version=version),
@@ -294,8 +299,8 @@ def _point_latest(run_dir: Path) -> None:
         warnings.warn(f"{link} is not a link, so it was not pointed at {run_dir}: remove or rename it, and the next "
                       "finished run points it at the newest version.", UserWarning, stacklevel=2)
         return
-    finished = [d for d in run_dir.parent.glob("version_*") if (d / RESULTS_FILE).is_file() and d.name[8:].isdigit()]
-    newest = max(finished, key=lambda d: int(d.name[8:]), default=run_dir)
+    finished = [d for d in run_dir.parent.glob("version_*") if (d / RESULTS_FILE).is_file() and dir_number(d) is not None]
+    newest = max(finished, key=dir_number, default=run_dir)
     tmp = run_dir.parent / f".latest.{os.getpid()}"
     try:
         tmp.symlink_to(newest.name, target_is_directory=True)
