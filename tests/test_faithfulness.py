@@ -123,7 +123,8 @@ def record_steps(model: nn.Module, expect: Callable[[TrainingBatch], dict[str, A
 
 def optimiser_state(model: nn.Module) -> dict[str, Any]:
     optimizer = model.trainer.optimizers[0]
-    return {"lr": optimizer.param_groups[0]["lr"], "optimizer": id(optimizer), "fresh": not optimizer.state,
+    # the optimiser object itself, not its id(): a freed stage's id can be reused by the next stage's optimiser
+    return {"lr": optimizer.param_groups[0]["lr"], "optimizer": optimizer, "fresh": not optimizer.state,
             "optimised": {id(p) for group in optimizer.param_groups for p in group["params"]}}
 
 
@@ -143,10 +144,10 @@ def assert_stages_restart(records: list[dict[str, Any]], stage_starts: dict[Any,
         first = stage not in seen
         if first:
             assert record["fresh"], f"stage {stage} began with the previous stage's optimiser state"
-            assert record["optimizer"] not in seen.values(), f"stage {stage} kept the previous optimiser"
+            assert all(record["optimizer"] is not o for o in seen.values()), f"stage {stage} kept the previous optimiser"
             seen[stage] = record["optimizer"]
         else:
-            assert record["optimizer"] == seen[stage]
+            assert record["optimizer"] is seen[stage]
         expected = BASE_LR * DECAY ** (record["epoch"] - stage_starts[stage])
         assert record["lr"] == pytest.approx(expected, rel=1e-12), (stage, record["epoch"], record["lr"])
     assert len(seen) == len(stage_starts)
