@@ -26,6 +26,7 @@ import lightning.pytorch as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from distill.callbacks import PredictionWriter
+from distill.data import DistillDataModule
 from distill.errors import CheckpointError, ConfigError, DistillError, storage_error
 from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, preemptible_after_training
@@ -178,6 +179,10 @@ class DistillCLI(LightningCLI):
             self.model.nonfinite_loss = self._get(self.config, "nonfinite_loss") or "stop"
 
     def instantiate_trainer(self, **kwargs: Any):
+        if isinstance(self.datamodule, DistillDataModule) and not self.datamodule.download:
+            # the splits built (and the image files checked) before a run directory is claimed; Lightning's own
+            # setup call then has nothing to do. A download happens in prepare_data, so it waits for the Trainer
+            self.datamodule.setup()
         if self.config.get("subcommand") == "fit" and isinstance(self.model, DistillModule):
             # before a run directory is claimed (a DataModule of your own does not augment for the method)
             self.model.check_training_data(getattr(self.datamodule, "augment", "none"))
@@ -479,8 +484,17 @@ def user_errors_as_exit() -> Iterator[None]:
         user_error = _user_error(err)
         if user_error is None:
             raise
-        print(f"distill: error: {user_error}", file=sys.stderr)
+        print(f"distill: error: {worker_message(str(user_error))}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def worker_message(message: str) -> str:
+    """The error's own line of a message that a DataLoader worker's error carries to the main process (torch puts
+    the worker's whole traceback in it, ending in ``module.ErrorClass: message``)."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def main(args: list[str] | None = None) -> DistillCLI | None:

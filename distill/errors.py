@@ -25,6 +25,10 @@ class DataNotFoundError(DistillError, FileNotFoundError):
     """A data set's files are not where the configuration says they are."""
 
 
+class DataError(DistillError):
+    """Data files are there but cannot be used: an image that does not decode, a file that is not an image."""
+
+
 class CheckpointError(DistillError):
     """A teacher or checkpoint file is missing, corrupt, unsafe or does not fit the model."""
 

@@ -529,3 +529,79 @@ def test_imagefolder_with_an_empty_class_folder_is_an_error_before_any_run_direc
         main(["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.dataset", "imagefolder",
               "--data.data_dir", str(root), "--trainer.max_epochs", "1"])
     assert "hold no image files" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+# -- unreadable image files ------------------------------------------------------------------
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header is whole but whose pixels stop half-way: only a full decode notices."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # its body dwarfs its header
+    Image.fromarray(noise).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def damaged_tree(root: Path) -> Path:
+    image_tree(root)
+    (root / "train" / "bee" / "004.png").write_bytes(b"not an image at all")  # not the first file
+    (root / "test" / "cat" / "001.png").write_bytes(b"")
+    truncated_jpeg(root / "train" / "ant" / "zzz.jpg")
+    return root
+
+
+def test_unreadable_images_are_one_error_listing_them_before_any_run_directory(tmp_path, monkeypatch, capsys):
+    from distill.cli import main
+    from distill.errors import DataError
+
+    root = damaged_tree(tmp_path / "data")
+    dm = DistillDataModule("imagefolder", data_dir=str(root))
+    with pytest.raises(DataError) as error:
+        dm.setup()
+    message = str(error.value)
+    # both broken files of any split, named; the truncated JPEG has a whole header, which is all "header" reads
+    assert "2 of the 43 image files" in message and "bee/004.png" in message and "test/cat/001.png" in message
+    assert "zzz.jpg" not in message and "bad_images: skip" in message
+    with pytest.raises(DataError, match=r"3 of the 43 image files.*zzz\.jpg \(image file is truncated"):
+        DistillDataModule("imagefolder", data_dir=str(root), check_images="decode").setup()
+    with pytest.raises(DataError, match="3 of the 43"):  # resident data is decoded anyway: auto decodes
+        DistillDataModule("imagefolder", data_dir=str(root), device_resident=True).setup()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.dataset", "imagefolder",
+              "--data.data_dir", str(root), "--trainer.max_epochs", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "bee/004.png" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_images_skip_trains_without_them_and_says_which(tmp_path):
+    root = damaged_tree(tmp_path / "data")
+    dm = DistillDataModule("imagefolder", data_dir=str(root), check_images="decode", bad_images="skip",
+                           val_fraction=0.1)
+    with pytest.warns(UserWarning, match=r"3 of the 43 image files .* are left out.*bee/004\.png"):
+        dm.setup()
+    clean = DistillDataModule("imagefolder", data_dir=str(image_tree(tmp_path / "clean")), val_fraction=0.1)
+    clean.setup()
+    assert len(dm._split("train")) + len(dm._split("val")) == 30 - 1  # 30 readable (ant has an extra bad one)
+    assert len(dm._split("test")) == len(clean._split("test")) - 1
+    sources = {path for path, _ in dm._split("train").data.base.samples}
+    assert not any(path.endswith(("bee/004.png", "ant/zzz.jpg")) for path in sources)
+    images, labels, _ = epoch(dm.test_dataloader())  # every remaining file loads
+    assert len(images) == 11 and labels.tolist() == sorted(labels.tolist())
+
+
+def test_an_image_broken_past_its_header_stops_training_with_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """check_images: header misses a body cut short; the worker's error still reaches the user as one line."""
+    from distill.cli import main
+
+    root = image_tree(tmp_path / "data")
+    truncated_jpeg(root / "train" / "cat" / "zzz.jpg")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.dataset", "imagefolder",
+              "--data.data_dir", str(root), "--data.num_workers", "1", "--data.val_fraction", "0.1",
+              "--data.batch_size", "64", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1].startswith("distill: error: cannot read ")
+    assert "zzz.jpg" in err[-1] and "check_images: decode" in err[-1] and "Traceback" not in err[-1]

@@ -32,6 +32,8 @@ class SourceConfig:
     num_classes: int = 10  # fake only
     in_channels: int = 3  # fake only
     fake_sizes: list[int] = field(default_factory=lambda: [256, 64, 64])
+    check_images: str = "header"  # folder data sets: see distill.data.folders.CHECK_MODES
+    bad_images: str = "error"  # folder data sets: see distill.data.folders.BAD_IMAGE_ACTIONS
 
 
 class Source:

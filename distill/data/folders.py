@@ -9,7 +9,10 @@ Folders whose names start with a dot (``.ipynb_checkpoints``...) are not classes
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -18,7 +21,16 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distill.data.base import Source, SourceConfig
 from distill.data.splits import SplitData
-from distill.errors import ConfigError, DataNotFoundError
+from distill.errors import ConfigError, DataError, DataNotFoundError
+
+#: how image files are checked before any work: ``header`` opens each (PIL reads its header: catches files that
+#: are not images, empty or cut short in their header), ``decode`` decodes every pixel (also catches a truncated
+#: body; the device-resident path decodes every image anyway), ``off`` checks nothing
+CHECK_MODES = ("header", "decode", "off")
+#: what happens to files that fail the check: one error listing them, or training without them (a warning says which)
+BAD_IMAGE_ACTIONS = ("error", "skip")
+#: how many unreadable files one message names (it also says how many there are in all)
+LISTED = 10
 
 
 def class_folders(directory: Path) -> list[str]:
@@ -40,6 +52,29 @@ def first_image(directory: Path, classes: list[str]) -> Path | None:
     return None
 
 
+def image_problem(path: str, decode: bool) -> str | None:
+    """Why PIL cannot read the image file ``path`` (its header only, or every pixel with ``decode``), or None."""
+    try:
+        with Image.open(path) as image:
+            if decode:
+                image.load()
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for the ways a file can be broken
+        return str(error).replace(str(path), "").strip(" '") or type(error).__name__
+    return None
+
+
+def unreadable_images(paths: list[str], decode: bool) -> list[tuple[str, str]]:
+    """``(path, reason)`` of each file of ``paths`` that PIL cannot read, in the order given.
+
+    Threads, since opening files waits on the disk (and PIL decodes without the GIL): about 60 µs a file for
+    the header and 120 µs to decode a 32-px JPEG on a 2-core machine, so seconds for CIFAR-size folders.
+    """
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = pool.map(lambda path: image_problem(path, decode), paths, chunksize=256)
+        return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+
+
 class _FixedClassFolder(ImageFolder):
     """An ImageFolder that uses a given class list (that of ``train/``) instead of its own folders."""
 
@@ -49,6 +84,19 @@ class _FixedClassFolder(ImageFolder):
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self._fixed_classes, {name: index for index, name in enumerate(self._fixed_classes)}
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        try:
+            return super().__getitem__(index)
+        except OSError as error:  # one the header check could not see (a body cut short); decode checks them all
+            raise DataError(f"cannot read {self.samples[index][0]} ({error}); set data.check_images: decode to find "
+                            "every such file before training, and replace them or set data.bad_images: skip") from error
+
+    def leave_out(self, paths: set[str]) -> None:
+        """Drops the files ``paths`` from the samples (``bad_images: skip``)."""
+        self.samples = [sample for sample in self.samples if sample[0] not in paths]
+        self.imgs = self.samples
+        self.targets = [target for _, target in self.samples]
 
 
 class ImageFolderSource(Source):
@@ -132,20 +180,45 @@ class ImageFolderSource(Source):
                 "every class needs training images."
             )
 
-    def _folder(self, directory: Path, allow_empty: bool) -> SplitData:
+    def _folder(self, directory: Path, allow_empty: bool) -> _FixedClassFolder:
         try:
-            data = _FixedClassFolder(directory, self._classes, allow_empty=allow_empty)
+            return _FixedClassFolder(directory, self._classes, allow_empty=allow_empty)
         except FileNotFoundError as error:  # torchvision: a class folder without images
             raise self._missing(str(error).splitlines()[0].rstrip(".") + f" in {directory}") from error
-        labels = np.asarray(data.targets, dtype=np.int64)
-        return SplitData(data, np.arange(len(labels)), labels)
 
     def load(self) -> dict[str, SplitData]:
-        splits = {"train": self._folder(self.train_dir, allow_empty=False),
-                  "test": self._folder(self.test_dir, allow_empty=True)}
+        folders = {"train": self._folder(self.train_dir, allow_empty=False),
+                   "test": self._folder(self.test_dir, allow_empty=True)}
         if self.val_dir is not None:
-            splits["val"] = self._folder(self.val_dir, allow_empty=True)
+            folders["val"] = self._folder(self.val_dir, allow_empty=True)
+        self._check_images(folders)
+        splits = {}
+        for split, data in folders.items():
+            labels = np.asarray(data.targets, dtype=np.int64)
+            splits[split] = SplitData(data, np.arange(len(labels)), labels)
         return splits
+
+    def _check_images(self, folders: dict[str, _FixedClassFolder]) -> None:
+        """Every file of every split opened (or decoded) before any work; then one error, or a warning and
+        the files left out (``bad_images: skip``)."""
+        mode = self.config.check_images
+        if mode == "off":
+            return
+        paths = [path for data in folders.values() for path, _ in data.samples]
+        bad = unreadable_images(paths, decode=mode == "decode")
+        if not bad:
+            return
+        listed = ", ".join(f"{os.path.relpath(path, self.root)} ({reason})" for path, reason in bad[:LISTED])
+        more = f" and {len(bad) - LISTED} more" if len(bad) > LISTED else ""
+        what = f"{len(bad)} of the {len(paths)} image files in {self.root.absolute()} cannot be read"
+        if self.config.bad_images == "error":
+            raise DataError(f"{self.name}: {what}: {listed}{more}. Replace or delete them, or set data.bad_images: "
+                            "skip to train and evaluate without them.")
+        warnings.warn(f"{self.name}: {what} and are left out (bad_images: skip): {listed}{more}", stacklevel=2)
+        for data in folders.values():
+            data.leave_out({path for path, _ in bad})
+        if not folders["train"].samples:
+            raise DataError(f"{self.name}: no readable training image is left in {self.train_dir.absolute()}.")
 
 
 class ImageNetSource(ImageFolderSource):

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from distill.data.base import Source, SourceConfig
 from distill.data.catalog import SOURCES, lookup
+from distill.data.folders import BAD_IMAGE_ACTIONS, CHECK_MODES
 from distill.data.resident import RESIDENT_PRESETS, DeviceResidentLoader, materialise
 from distill.data.splits import SUBSET_STREAM, VAL_STREAM, EpochShuffle, IndexedSplit, SplitData, split_off, stratified_pick
 from distill.data.transforms import PRESETS, Geometry, NormalizeBatch, eval_transform, train_transform
@@ -106,11 +107,15 @@ class DistillDataModule(L.LightningDataModule):
         exclude_classes: list[int] | None = None,
         device_resident: bool = False,
         train_image_size: int | None = None,
+        check_images: str = "auto",
+        bad_images: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         dataset = lookup("data set", dataset, SOURCES, "dataset")
         augment = lookup("augmentation preset", augment, PRESETS, "augment")
+        check_images = lookup("image check", check_images, ("auto", *CHECK_MODES), "check_images")
+        bad_images = lookup("action for unreadable images", bad_images, BAD_IMAGE_ACTIONS, "bad_images")
         _check_int("batch_size", batch_size, 1)
         _check_int("eval_batch_size", eval_batch_size, 1)
         _check_int("num_workers", num_workers, 0)
@@ -142,7 +147,10 @@ class DistillDataModule(L.LightningDataModule):
         self.download = download
         self.train_image_size = train_image_size
 
-        config = SourceConfig(Path(data_dir).expanduser(), image_size, num_classes, in_channels, list(fake_sizes))
+        if check_images == "auto":
+            check_images = "decode" if device_resident else "header"
+        config = SourceConfig(Path(data_dir).expanduser(), image_size, num_classes, in_channels, list(fake_sizes),
+                              check_images, bad_images)
         self._source: Source = SOURCES[dataset](config)  # folder data sets inspect their folders here
         if not (download and isinstance(self._source, TorchvisionSource)):
             self._source.check()
