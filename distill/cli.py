@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
+import signal
 import sys
 import time
 import types
@@ -29,7 +31,7 @@ from distill.callbacks import PredictionWriter
 from distill.data import DistillDataModule
 from distill.errors import CheckpointError, ConfigError, DistillError, storage_error
 from distill.methods import DistillModule, StagedModule
-from distill.reliability import Preempted, preemptible_after_training
+from distill.reliability import Preempted, Stopped, preemptible_after_training, signals_stop_the_command
 from distill.reliability.checkpoints import fork_run
 from distill.run import DISTILL_DATA_MODULE, EXPORT_FILE, RESULTS_FILE, RUN_DIR_ENV, write_json_atomic, finish_fit, next_numbered_dir, next_version_dir, run_loggers
 from distill.teachers import safe_torch_load, sha256_of
@@ -244,6 +246,8 @@ class DistillCLI(LightningCLI):
             name = self._get(self.config, "run_name") or self._default_run_name()
             run_dir = next_version_dir(root, name)
         os.environ[RUN_DIR_ENV] = str(run_dir)
+        if run_dir != evaluated:
+            CLAIMED_HERE.add(run_dir)
         return run_dir
 
     def before_predict(self) -> None:
@@ -415,10 +419,13 @@ def intact_checkpoint(last: Path) -> Path:
             safe_torch_load(candidate)
         except DistillError:
             continue
-        kept = last.with_name(last.name + ".damaged")
-        last.replace(kept)
-        print(f"distill: {last} is damaged ({reason}); resuming from {candidate}, the newest intact checkpoint "
-              f"(the damaged file is kept as {kept.name})", file=sys.stderr)
+        if last.exists():
+            kept = last.with_name(last.name + ".damaged")
+            last.replace(kept)
+            print(f"distill: {last} is damaged ({reason}); resuming from {candidate}, the newest intact checkpoint "
+                  f"(the damaged file is kept as {kept.name})", file=sys.stderr)
+        else:
+            print(f"distill: {last} does not exist; resuming from {candidate}, the newest checkpoint", file=sys.stderr)
         return candidate
     raise CheckpointError(f"cannot resume: {reason} and no other checkpoint in {last.parent} is intact "
                           f"({', '.join(p.name for p in others) or 'there is none'}); start the run again.")
@@ -439,10 +446,12 @@ def resume_arguments(args: list[str]) -> list[str]:
             resumes = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
             config = resumes[-1] if resumes else run_dir / "config.yaml"
             last = run_dir / "checkpoints" / "last.ckpt"
-            for needed in (config, last):
-                if not needed.is_file():
-                    raise ConfigError(f"cannot resume {run_dir}: {needed} does not exist (a run directory "
-                                      "holds config.yaml and checkpoints/last.ckpt).")
+            if not config.is_file():
+                raise ConfigError(f"cannot resume {run_dir}: {config} does not exist (a run directory "
+                                  "holds config.yaml and checkpoints/last.ckpt).")
+            if not any(last.parent.glob("*.ckpt")):
+                raise ConfigError(f"cannot resume {run_dir}: it stopped before its first checkpoint, so there is "
+                                  f"nothing to continue; start it again with: distill fit --config {config}")
             rest = args[:position] + args[value_at + 1:]
             if not rest or rest[0] != "fit":
                 raise ConfigError("--resume works with `distill fit --resume RUN_DIR`.")
@@ -497,11 +506,16 @@ def worker_message(message: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+#: The run directories this process made (a new run's, an extension's copy, ``test_N``), which it may remove when
+#: it stops before they hold anything to continue; never a stopped run's own directory that a resume continues.
+CLAIMED_HERE: set[Path] = set()
+
+
 def main(args: list[str] | None = None) -> DistillCLI | None:
     """Entry point of the ``distill`` console script (``args`` for calls from Python and tests)."""
     owns_run_dir = RUN_DIR_ENV not in os.environ
     try:
-        with user_errors_as_exit():
+        with signals_stop_the_command(), user_errors_as_exit():
             if args is None:
                 # rewritten in place: DDP launches its worker processes with sys.argv (both rewrites are idempotent)
                 sys.argv[1:] = resume_arguments(recipe_arguments(method_help_arguments(sys.argv[1:])))
@@ -510,12 +524,35 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
     except Preempted as stop:
         print(f"distill: {stop.message}", file=sys.stderr)
         raise SystemExit(0) from None
+    except Stopped as stop:
+        claimed = os.environ.get(RUN_DIR_ENV) if owns_run_dir else None
+        raise SystemExit(stopped_outside_training(stop, Path(claimed) if claimed else None)) from None
     finally:
         if owns_run_dir:
             claimed = os.environ.pop(RUN_DIR_ENV, None)
             # a run that stopped before writing anything gives back the version directory it claimed
             if claimed and Path(claimed).is_dir() and not any(Path(claimed).iterdir()):
                 Path(claimed).rmdir()
+            if claimed:
+                CLAIMED_HERE.discard(Path(claimed))
+
+
+def stopped_outside_training(stop: Stopped, run_dir: Path | None) -> int:
+    """What a SIGTERM outside training leaves, said in one line; the exit status. A run directory made by this
+    command that holds nothing to continue (no checkpoint) is removed: a run that never started leaves none."""
+    if run_dir is not None and (run_dir / RESULTS_FILE).is_file():
+        print(f"distill: stopped by {stop.signal_name} after the run had finished; its results are in {run_dir}",
+              file=sys.stderr)
+        return 0
+    if run_dir is not None and any((run_dir / "checkpoints").glob("*.ckpt")):
+        print(f"distill: stopped by {stop.signal_name} outside training; continue with: distill fit --resume {run_dir}",
+              file=sys.stderr)
+        return 0
+    if run_dir is not None and run_dir in CLAIMED_HERE:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"distill: stopped by {stop.signal_name} before training started; nothing was kept, so run the same "
+          "command again", file=sys.stderr)
+    return 128 + signal.Signals[stop.signal_name].value
 
 
 if __name__ == "__main__":

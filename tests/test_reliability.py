@@ -168,6 +168,52 @@ def test_a_signal_after_training_preempts_the_test_and_a_resume_finishes_it(tmp_
         assert resumed[key] == reference[key], key
 
 
+@pytest.mark.parametrize("moment", ["setup", "after"])
+def test_a_sigterm_outside_training_cleans_up_and_says_what_is_left(moment, tmp_path, monkeypatch, capsys):
+    """SIGTERM while a run is being set up (after its directory is claimed, before training): the directory is
+    given back, one line says to run the command again, exit 143. After the run finished: exit 0, results kept.
+    Before, the default handler ended the process there and left a version directory nothing could resume."""
+    import os
+    import signal
+
+    import distill.cli
+
+    config = tiny_config(tmp_path, epochs=1)
+    target = distill.cli.ResumeAwareSaveConfig if moment == "setup" else distill.cli.DistillCLI
+    name = "setup" if moment == "setup" else "after_fit"
+    real = getattr(target, name)
+
+    def signalled(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's SIGTERM right then
+        return result
+
+    monkeypatch.setattr(target, name, signalled)
+    with pytest.raises(SystemExit) as stopped:
+        fit("--config", str(config))
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    runs = list((tmp_path / "runs").glob("*/*/version_*"))
+    if moment == "setup":
+        assert stopped.value.code == 143 and "before training started; nothing was kept" in message
+        assert runs == []
+    else:
+        assert stopped.value.code == 0 and "after the run had finished" in message
+        assert [(run / "results.json").is_file() for run in runs] == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path, capsys):
+    config = tiny_config(tmp_path, epochs=1)
+    run_dir = tmp_path / "runs" / "killed" / "version_0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config.read_text())  # what SIGKILL in the first epoch leaves
+    with pytest.raises(SystemExit) as refused:
+        fit("--resume", str(run_dir))
+    message = capsys.readouterr().err
+    assert refused.value.code == 2 and "stopped before its first checkpoint" in message
+    assert f"distill fit --config {run_dir / 'config.yaml'}" in message
+
+
 # ----------------------------------------------------------------------------- non-finite losses
 class NaNAt(Supervised):
     """Supervised whose cross-entropy becomes NaN at the given global steps (a blown-up batch)."""

@@ -13,6 +13,8 @@
 """
 
 from distill.reliability.checkpoints import AtomicCheckpointIO, CHECKPOINT_WRITE_DELAY_ENV
-from distill.reliability.guard import Preempted, RunGuard, preemptible_after_training
+from distill.reliability.guard import (Preempted, RunGuard, Stopped, preemptible_after_training,
+                                      signals_stop_the_command)
 
-__all__ = ["AtomicCheckpointIO", "CHECKPOINT_WRITE_DELAY_ENV", "Preempted", "RunGuard", "preemptible_after_training"]
+__all__ = ["AtomicCheckpointIO", "CHECKPOINT_WRITE_DELAY_ENV", "Preempted", "RunGuard", "Stopped",
+           "preemptible_after_training", "signals_stop_the_command"]

@@ -63,6 +63,37 @@ def preemptible_after_training(trainer: L.Trainer) -> Iterator[None]:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+class Stopped(BaseException):
+    """SIGTERM while no run is training (it is being set up, or has finished): the command stops and cleans up.
+
+    A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def signals_stop_the_command() -> Iterator[None]:
+    """SIGTERM raises :class:`Stopped` for as long as the command runs, so its clean-up (giving back the run
+    directory it claimed) happens instead of the process vanishing. RunGuard's pre-emption replaces this handler
+    while a run trains, and Lightning's, which calls this one, while its Trainer runs. SIGUSR1 is left alone:
+    Lightning's SLURM requeue takes it only when no other handler is installed. A handler the caller installed
+    (or an ignored signal) is kept."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    installs = threading.current_thread() is threading.main_thread() \
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, stop) if installs else None
+    try:
+        yield
+    finally:
+        if installs and signal.getsignal(signal.SIGTERM) is stop:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class Preempted(SystemExit):
     """A run stopped by SIGTERM/SIGUSR1 after saving ``last.ckpt``: exit status 0, resume to finish."""
 
