@@ -294,7 +294,19 @@ class ResumeAwareSaveConfig(SaveConfigCallback):
             taken = {p.name for p in Path(log_dir).glob("config.resume-*.yaml")}
             self.config_filename = next(f"config.resume-{n}.yaml" for n in range(1, len(taken) + 2)
                                         if f"config.resume-{n}.yaml" not in taken)
-        super().setup(trainer, pl_module, stage)
+        if self.already_saved or not log_dir:
+            return super().setup(trainer, pl_module, stage)
+        # written whole or not at all: a run killed while saving it must not leave an empty config.yaml, which
+        # the command that starts it again reads
+        final = self.config_filename
+        self.config_filename = f".{final}.tmp-{os.getpid()}"
+        try:
+            super().setup(trainer, pl_module, stage)
+            written = Path(log_dir) / self.config_filename
+            if trainer.is_global_zero and written.is_file():
+                written.replace(Path(log_dir) / final)
+        finally:
+            self.config_filename = final
 
 
 def method_help_arguments(args: list[str]) -> list[str]:
@@ -446,6 +458,9 @@ def resume_arguments(args: list[str]) -> list[str]:
             resumes = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
             config = resumes[-1] if resumes else run_dir / "config.yaml"
             last = run_dir / "checkpoints" / "last.ckpt"
+            if not config.is_file() and run_dir.is_dir() and not any(last.parent.glob("*.ckpt")):
+                raise ConfigError(f"cannot resume {run_dir}: it stopped before it saved its config.yaml, so there is "
+                                  "nothing to continue; run the command that started it again.")
             if not config.is_file():
                 raise ConfigError(f"cannot resume {run_dir}: {config} does not exist (a run directory "
                                   "holds config.yaml and checkpoints/last.ckpt).")

@@ -8,11 +8,13 @@ Each function says what it needs the private attribute for and what public API i
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.strategies import DDPStrategy
 
 
@@ -72,5 +74,26 @@ def training_loaders(trainer: L.Trainer) -> list[Any]:
     return list(trainer.fit_loop._combined_loader.flattened)
 
 
-__all__ = ["attached_trainer", "writes_step_logs", "set_initial_hparams", "rewrap_ddp",
+def epoch_to_train(trainer: L.Trainer) -> int:
+    """The epoch the fit loop is about to train (after a resume: the one it continues or the next one), which it
+    passes to the samplers' ``set_epoch`` only after it has made the training iterator."""
+    return trainer.fit_loop.epoch_progress.current.processed
+
+
+def restart_training_iterator(trainer: L.Trainer) -> None:
+    """Makes the fit loop's training iterator anew. Lightning makes it before it sets the samplers' epoch, and
+    DataLoader workers take their first indices at once; a resumed run re-makes it once its samplers are placed."""
+    iter(trainer.fit_loop._data_fetcher)
+
+
+def seed_worker_as_lightning(worker_id: int, rank: int) -> None:
+    """Seeds a DataLoader worker as Lightning does for a loader without a ``worker_init_fn`` of its own, when
+    ``seed_everything(workers=True)`` (the CLI's) set ``PL_SEED_WORKERS``: a loader whose workers need an init
+    function for something else keeps Lightning's seeding this way. The condition is Lightning's private
+    ``lightning.fabric.utilities.data._auto_add_worker_init_fn``."""
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank=rank)
+
+
+__all__ = ["epoch_to_train", "restart_training_iterator", "seed_worker_as_lightning", "attached_trainer", "writes_step_logs", "set_initial_hparams", "rewrap_ddp",
            "cluster_environment", "training_loaders"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -74,7 +75,18 @@ class StopAfter(L.Callback):
             trainer.should_stop = True
 
 
-__all__ = ["REPO", "FAKE", "fake_datamodule", "write_teacher", "tiny_trainer", "create_model", "StopAfter"]
+class SigtermAt(L.Callback):
+    """Sends this process a SIGTERM as the training step ``step`` starts (a scheduler's pre-emption mid-epoch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+__all__ = ["REPO", "FAKE", "fake_datamodule", "write_teacher", "tiny_trainer", "create_model", "StopAfter", "SigtermAt"]
 
 
 def training_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,

@@ -605,3 +605,46 @@ def test_an_image_broken_past_its_header_stops_training_with_one_line_naming_it(
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and err[-1].startswith("distill: error: cannot read ")
     assert "zzz.jpg" in err[-1] and "check_images: decode" in err[-1] and "Traceback" not in err[-1]
+
+
+# -- augmentation seeded per image; DataLoader workers under a scheduler's signals --------------
+
+
+def test_an_images_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
+    """The same augmented batches from the training process and from 2 workers, and again in a later pass over the
+    same epoch; another epoch draws other crops."""
+    def batches(workers: int, epoch: int) -> torch.Tensor:
+        torch.manual_seed(3)
+        dm = DistillDataModule("imagefolder", data_dir=str(root), augment="cifar", batch_size=8, num_workers=workers,
+                               val_fraction=0.1)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return epoch_images(loader)
+
+    def epoch_images(loader) -> torch.Tensor:
+        return torch.cat([images for images, _, _ in loader])
+
+    root = image_tree(tmp_path / "data", size=(16, 16))
+    one = batches(0, 1)
+    assert torch.equal(one, batches(2, 1)) and torch.equal(one, batches(0, 1))
+    assert not torch.equal(one, batches(0, 2))
+
+
+def test_a_dataloader_worker_outlasts_a_schedulers_sigterm_and_ends_on_its_parents(tmp_path):
+    """A SIGTERM from another process (a scheduler signalling the whole job) leaves the worker working for the
+    training process to finish its step; torch's workers died of it at once. A SIGTERM from the training process
+    (its shutdown) still ends the worker at once."""
+    import subprocess
+
+    dm = DistillDataModule("fake", fake_sizes=[64, 8, 8], batch_size=8, num_workers=1)
+    iterator = iter(dm.train_dataloader())
+    next(iterator)
+    (worker,) = iterator._workers
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+    assert len(list(iterator)) == 7  # every batch still comes
+    iterator = iter(dm.train_dataloader())
+    next(iterator)
+    (worker,) = iterator._workers
+    worker.terminate()  # what the training process sends its workers
+    worker.join(timeout=5)
+    assert worker.exitcode == 0

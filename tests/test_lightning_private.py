@@ -119,3 +119,35 @@ def test_the_quiet_console_drops_lightnings_tips_and_override_notes_and_keeps_th
         logger.removeHandler(keep)
         logger.addFilter(private.QuietConsole())
     assert any("will override existing callbacks" in m for m in handler_records)
+
+
+def test_epoch_to_train_is_the_epoch_lightning_then_gives_the_samplers_and_the_iterator_can_be_remade(tmp_path,
+                                                                                                   monkeypatch):
+    """At on_train_start of a resumed fit, epoch_to_train is the epoch the fit loop sets next; re-making the
+    training iterator there makes the epoch's batches come from a sampler placed before it."""
+    from distill.data.splits import EpochShuffle
+
+    class Recorder(EpochShuffle):
+        epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            Recorder.epochs.append(epoch)
+            super().set_epoch(epoch)
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["epoch"] = private.epoch_to_train(trainer)
+            private.restart_training_iterator(trainer)
+
+    monkeypatch.setattr("distill.data.module.EpochShuffle", Recorder)
+    data = fake_datamodule()
+    model = Supervised(student="mlp_30_30", **DATA)
+    tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(model, datamodule=data)
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    Recorder.epochs.clear()
+    model = Supervised(student="mlp_30_30", **DATA)
+    trainer = tiny_trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[Probe()])
+    trainer.fit(model, datamodule=data, ckpt_path=str(ckpt))
+    assert seen["epoch"] == 2 and Recorder.epochs[0] == 2 and trainer.global_step == 9

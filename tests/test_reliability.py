@@ -41,14 +41,16 @@ def fit(*args: str):
 
 # ----------------------------------------------------------------------------- kill and resume
 def test_kill_and_resume_small(tmp_path):
-    """Pre-empted mid-epoch (SIGTERM), then SIGKILLed while writing a checkpoint, resumed each time:
-    the final results.json and weights equal an uninterrupted run's."""
+    """SIGKILLed before its first checkpoint (started again with the command the refused resume names), pre-empted
+    mid-epoch (SIGTERM), then SIGKILLed while writing a checkpoint, resumed each time: the final results.json and
+    weights equal an uninterrupted run's."""
     # six epochs: the SIGTERM falls within one epoch after the first checkpoint, so five epochs (not two)
     # stand between it and the end of training, however fast this machine runs the tiny epochs
     log = killtest.check_method("BaselineKD", tmp_path, kills=2, seed=0, epochs=6, train_size=256,
                                 in_process=True, verbose=False)
-    assert log[0].startswith("SIGTERM") and log[1].startswith("SIGKILL during a checkpoint write"), log
-    assert "intact" in log[1] and "equal the uninterrupted" in log[-1], log
+    assert log[0] == "SIGKILL before the first checkpoint", log
+    assert log[1].startswith("SIGTERM") and log[2].startswith("SIGKILL during a checkpoint write"), log
+    assert "intact" in log[2] and "equal the uninterrupted" in log[-1], log
 
 
 @pytest.mark.slow
@@ -66,9 +68,9 @@ def test_killtest_builds_a_methods_config_from_its_base_classes(tmp_path, monkey
     assert killtest.STAGED == tuple(name for name, cls in METHODS.items() if issubclass(cls, StagedModule))
     dkd = killtest.method_config("DKD", tmp_path, 8)["model"]
     assert dkd == {"class_path": "distill.methods.DKD", "init_args": {
-        "student": "mlp_30_30", "teacher": str(tmp_path / "teacher.safetensors"),
+        "student": "mlp_30_30", "teacher": str(tmp_path / "teacher-1x8.safetensors"),
         "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}}}}
-    assert (tmp_path / "teacher.safetensors").exists()
+    assert (tmp_path / "teacher-1x8.safetensors").exists()
     assert killtest.brings_own_recipe(PatientConsistentKD) and not killtest.brings_own_recipe(METHODS["DKD"])
     assert "optimizer" not in killtest.method_config("PatientConsistentKD", tmp_path, 8)["model"]["init_args"]
 
@@ -78,6 +80,21 @@ def test_killtest_builds_a_methods_config_from_its_base_classes(tmp_path, monkey
     monkeypatch.setitem(killtest.REGISTRY, "NewStaged", NewStaged)
     staged = killtest.method_config("NewStaged", tmp_path, 7)["model"]["init_args"]
     assert staged["stage_epochs"] == [3, 4] and "teacher" in staged and "assistants" not in staged
+
+
+def test_killtest_settings_add_images_workers_dropout_caches_and_ddp(tmp_path):
+    """What each setting of the extended kill test changes, read from the methods' own classes."""
+    images = killtest.method_config("DKD", tmp_path, 8, setting="images")
+    assert images["data"]["dataset"] == "imagefolder" and images["data"]["num_workers"] == 2
+    assert images["data"]["augment"] == "cifar" and images["model"]["init_args"]["student_kwargs"] == {"dropout": 0.2}
+    assert len(list((tmp_path / "images" / "train").glob("*/*.png"))) == 480
+    assert killtest.method_config("PatientConsistentKD", tmp_path, 8, setting="images")["data"]["augment"] == "none"
+    assert killtest.method_config("BaselineKD", tmp_path, 8, setting="cache")["model"]["init_args"][
+        "cache_teacher_outputs"] is True
+    assert killtest.method_config("PatientConsistentKD", tmp_path, 8, setting="cache")["model"]["init_args"][
+        "teaching"] == "fixed"
+    assert [m for m in killtest.METHODS if killtest.applies(m, "cache")] == ["BaselineKD", "PatientConsistentKD"]
+    assert killtest.method_config("Supervised", tmp_path, 8, setting="ddp")["trainer"]["devices"] == 2
 
 
 def test_killtest_refuses_a_work_directory_it_did_not_make(tmp_path, capsys):
@@ -385,15 +402,30 @@ def test_epoch_shuffle_shards_one_global_order():
     assert list(single) == order[12:] and list(single) == order  # the skip applies to one pass only
 
 
-def test_resume_with_random_augmentation_and_dropout_is_exact(tmp_path):
-    """The checkpoint's generator states make a resumed run draw the same crops, flips and dropout masks."""
-    config = tiny_config(tmp_path, epochs=3, augment="cifar")
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop", ["epoch end", "mid-epoch"])
+def test_resume_with_random_augmentation_and_dropout_is_exact(stop, workers, tmp_path, capsys):
+    """A resumed run draws the same crops, flips and dropout masks as an uninterrupted one, from an epoch's end or
+    from the middle of one (pre-empted by SIGTERM), in the training process or in DataLoader workers. With workers,
+    each image's augmentation is seeded by (seed, epoch, index), and the resumed iterator is made once the sampler is
+    placed (Lightning makes it before it sets the epoch, and workers take their first indices at once): both
+    failed before, the mid-epoch case also without the epoch's end."""
+    config = tiny_config(tmp_path, epochs=3, augment="cifar", num_workers=workers)
     dropout = ["--model.init_args.student=mlp", "--model.init_args.student_kwargs={hidden: [64], dropout: 0.3}"]
     whole = fit("--config", str(config), *dropout, "--run_name=whole").results
-    cut = fit("--config", str(config), *dropout, "--run_name=cut", "--trainer.max_epochs=2").results
-    resumed = fit("--resume", cut["run_dir"], "--trainer.max_epochs=3").results
+    if stop == "epoch end":
+        cut = fit("--config", str(config), *dropout, "--run_name=cut", "--trainer.max_epochs=2").results
+        resumed = fit("--resume", cut["run_dir"], "--trainer.max_epochs=3").results
+    else:  # 8 steps an epoch: stopped after step 11, in the middle of the second epoch
+        with pytest.raises(SystemExit) as preempted:
+            fit("--config", str(config), *dropout, "--run_name=cut",
+                "--trainer.callbacks=[{class_path: conftest.SigtermAt, init_args: {step: 11}}]")
+        assert preempted.value.code == 0 and "pre-empted by SIGTERM at epoch 1, step 12" in capsys.readouterr().err
+        (cut_dir,) = (tmp_path / "runs" / "cut").glob("version_*")
+        resumed = fit("--resume", str(cut_dir), "--trainer.callbacks=[]").results
     a, b = load_file(whole["model_file"]), load_file(resumed["model_file"])
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert resumed["test"] == whole["test"]
 
 
 @pytest.mark.parametrize("method", ["TeacherAssistantKD", "ResidualKD", "PatientConsistentKD"])

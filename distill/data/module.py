@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +21,7 @@ from distill.data.splits import SUBSET_STREAM, VAL_STREAM, EpochShuffle, Indexed
 from distill.data.transforms import PRESETS, Geometry, NormalizeBatch, eval_transform, train_transform
 from distill.data.tvsets import TorchvisionSource
 from distill.errors import ConfigError
-from distill.lightning_private import set_initial_hparams
+from distill.lightning_private import seed_worker_as_lightning, set_initial_hparams
 
 SPLITS = ("train", "val", "test")
 
@@ -310,16 +314,19 @@ class DistillDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, data: IndexedSplit, batch_size: int, shuffle: bool) -> DataLoader:
+        rank = self._shard()[1]
         return DataLoader(
             data,
             batch_size=batch_size,
-            # seeded by the run's seed (seed_everything sets torch's initial seed) and the epoch
-            sampler=EpochShuffle(data, torch.initial_seed(), *self._shard()) if shuffle else None,
+            # order and augmentation seeded by the run's seed (seed_everything sets torch's initial seed), the epoch
+            # and, for augmentation, the sample
+            sampler=EpochShuffle(data, torch.initial_seed(), *self._shard(), draw_seeds=True) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
             collate_fn=NormalizeBatch(self.mean, self.std),
+            worker_init_fn=functools.partial(start_worker, rank=rank) if self.num_workers else None,
         )
 
     def _train_geometry(self, geometry: Geometry) -> Geometry:
@@ -370,6 +377,40 @@ class DistillDataModule(L.LightningDataModule):
                 "give one value per channel."
             )
         return tuple(float(value) for value in given)
+
+
+#: Seconds a DataLoader worker goes on working after a SIGTERM or SIGUSR1 from another process than its own
+#: training process: time for that process to finish its step and stop fetching batches (see :func:`start_worker`).
+WORKER_GRACE_S = 30
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def start_worker(worker_id: int, rank: int) -> None:
+    """Leaves SIGTERM and SIGUSR1 to the training process, which saves a checkpoint and stops at the end of its step
+    (:class:`~distill.reliability.RunGuard`) and then shuts its workers down.
+
+    A scheduler signals every process of a job, and torch's workers die at once on SIGTERM: the training process,
+    perhaps waiting for their next batch, then failed instead of stopping for a resume. Here a thread of the worker
+    takes both signals: a SIGTERM from the training process itself (torch's shutdown, multiprocessing's at exit)
+    ends the worker at once, as torch's own handler does; any other goes on for :data:`WORKER_GRACE_S` seconds and
+    then exits with status 0 (which torch's training process does not count as a worker failure), so a worker
+    never outlives a training process that forgot it. One whose training process died ends anyway (torch's
+    workers watch their parent)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)  # taken by the thread below, never by this one
+    threading.Thread(target=_take_signals, args=(os.getppid(),), name="distill-worker-signals", daemon=True).start()
+    seed_worker_as_lightning(worker_id, rank)
+
+
+def _take_signals(training_process: int) -> None:
+    ending = None
+    while True:
+        received = signal.sigwaitinfo(WORKER_SIGNALS)
+        if received.si_signo == signal.SIGTERM and received.si_pid == training_process:
+            os._exit(0)
+        if ending is None:
+            ending = threading.Timer(WORKER_GRACE_S, os._exit, (0,))
+            ending.daemon = True
+            ending.start()
 
 
 def _check_int(name: str, value: int | None, minimum: int) -> None:

@@ -103,9 +103,34 @@ class IndexedSplit(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, int]:
+        """``key``: a position, or ``(position, draw seed)`` from :class:`EpochShuffle`, which seeds the random draws
+        of this image's transform (see :func:`sample_seed`)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.data.base[int(self.data.indices[index])]
-        return self.transform(image), int(label), int(index)
+        if seed is None:
+            return self.transform(image), int(label), int(index)
+        if not hasattr(self, "_generator"):  # one per process: each DataLoader worker has its own copy
+            self._generator = torch.Generator()
+        return self.transform(image, self._generator.manual_seed(seed)), int(label), int(index)
+
+
+_MASK64 = 2**64 - 1
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finaliser: every input bit changes about half the output bits."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
+    return value ^ (value >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training image's augmentation in one epoch: a function of the run's seed, the epoch and the
+    sample's index only, mixed so that neighbouring epochs and indices get unrelated streams (torch's CPU generator
+    keeps 32 bits of a seed, which all depend on every input)."""
+    mixed = _mix64((seed & _MASK64) ^ _mix64((epoch + 1) * 0x9E3779B97F4A7C15 & _MASK64 ^ _mix64(index + 1)))
+    return (mixed ^ (mixed >> 32)) & 0xFFFFFFFF
 
 
 class EpochShuffle(DistributedSampler):
@@ -120,11 +145,15 @@ class EpochShuffle(DistributedSampler):
     ``B·W``. Being a DistributedSampler, Lightning does not replace it.
 
     :meth:`skip_next` makes the next pass start later in the epoch (a run resumed mid-epoch).
+    ``draw_seeds``: yield ``(index, seed)`` pairs, the seed of that image's augmentation in this epoch
+    (:func:`sample_seed`), which :class:`IndexedSplit` hands to its transform.
     """
 
-    def __init__(self, data_source: Any, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, data_source: Any, seed: int, num_replicas: int = 1, rank: int = 0,
+                 draw_seeds: bool = False) -> None:
         super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.data_source = data_source
+        self.draw_seeds = draw_seeds
         self._skip = 0
 
     def skip_next(self, samples: int) -> None:
@@ -137,4 +166,8 @@ class EpochShuffle(DistributedSampler):
         while len(order) < self.total_size:  # every process gets the same number of samples
             order += order[: self.total_size - len(order)]
         skip, self._skip = self._skip, 0
-        yield from order[self.rank:self.total_size:self.num_replicas][skip:]
+        share = order[self.rank:self.total_size:self.num_replicas][skip:]
+        if self.draw_seeds:
+            yield from ((index, sample_seed(self.seed, self.epoch, index)) for index in share)
+        else:
+            yield from share

@@ -5,8 +5,11 @@ move pixels; conversion to float and per-data-set normalisation happen once per 
 loaders' collate function (:class:`NormalizeBatch`). Small images make per-call overhead the
 whole cost: torchvision's v2 ``Compose``/``ToDtype``/``Normalize`` spend about 0.5 ms per 32-px
 image on bookkeeping, which made a CIFAR epoch from JPEG files four times slower than these
-plain callables. The random draws use torch's global generator, so ``seed_everything`` (and
-Lightning's per-worker seeding) makes them reproducible.
+plain callables. The random draws come from the generator a pipeline is called with: the
+training split seeds one per image from ``(run seed, epoch, sample index)``
+(:func:`~distill.data.splits.sample_seed`), so an image's augmentation does not depend on which
+DataLoader worker makes it or on what that worker made before: the same for any ``num_workers``, and
+the same after a resume in the middle of an epoch. Without one they draw from torch's global generator.
 
 Evaluation geometry depends on how the data set stores its images:
 
@@ -22,6 +25,7 @@ preset yields ``image_size`` x ``image_size`` images; ``inception`` crops the ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,13 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 PRESETS = ("default", "none", "cifar", "jitter", "inception")
 GEOMETRIES = ("identity", "resize", "resize_crop")
 
-Step = Callable[[torch.Tensor], torch.Tensor]
+#: ``step(image, generator)``: a uint8 ``C x H x W`` image, and the generator of its random draws (None: torch's
+#: global one)
+Step = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 def to_uint8_tensor(image: Any) -> torch.Tensor:
@@ -54,10 +59,10 @@ class Pipeline:
     def __init__(self, steps: Sequence[Step]) -> None:
         self.steps = list(steps)
 
-    def __call__(self, image: Any) -> torch.Tensor:
+    def __call__(self, image: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         tensor = to_uint8_tensor(image)
         for step in self.steps:
-            tensor = step(tensor)
+            tensor = step(tensor, generator)
         return tensor
 
     def __repr__(self) -> str:
@@ -70,7 +75,7 @@ class Resize:
 
     size: int
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return TF.resize(image, [self.size], antialias=True)
 
 
@@ -78,7 +83,7 @@ class Resize:
 class CenterCrop:
     size: int
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return TF.center_crop(image, [self.size, self.size])
 
 
@@ -89,9 +94,9 @@ class PadCrop:
     size: int
     padding: int
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         p = self.padding
-        top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        top, left = torch.randint(0, 2 * p + 1, (2,), generator=generator).tolist()
         return F.pad(image, (p, p, p, p))[:, top:top + self.size, left:left + self.size]
 
 
@@ -99,8 +104,45 @@ class PadCrop:
 class HorizontalFlip:
     """Mirror left-right with probability 1/2."""
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image.flip(-1) if torch.rand(()).item() < 0.5 else image
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return image.flip(-1) if torch.rand((), generator=generator).item() < 0.5 else image
+
+
+@dataclass(frozen=True)
+class RandomResizedCrop:
+    """A random crop of area ``scale`` (a fraction of the image, uniform) and aspect ratio ``ratio`` (log-uniform),
+    resized to ``size`` x ``size``: the Inception crop as torchvision's ``RandomResizedCrop`` samples it (10
+    attempts, then the largest central crop whose ratio lies in ``ratio``), drawing from ``generator``."""
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+        """``(top, left, crop height, crop width)``."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(self.ratio))
+        for _ in range(10):
+            draws = torch.rand(2, generator=generator)
+            target = area * (self.scale[0] + draws[0].item() * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_ratio[0].item() + draws[1].item() * (log_ratio[1] - log_ratio[0]).item())
+            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                return top, left, h, w
+        aspect = width / height
+        if aspect < min(self.ratio):
+            w, h = width, round(width / min(self.ratio))
+        elif aspect > max(self.ratio):
+            w, h = round(height * max(self.ratio)), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        top, left, h, w = self.box(image.shape[-2], image.shape[-1], generator)
+        return TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
 
 
 @dataclass(frozen=True)
@@ -140,8 +182,7 @@ def train_transform(preset: str, geometry: Geometry) -> Pipeline:
     elif preset == "jitter":
         steps = [*geometry.steps(), PadCrop(size, 2)]
     elif preset == "inception":
-        crop = v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
-        steps = [crop, HorizontalFlip()]
+        steps = [RandomResizedCrop(size), HorizontalFlip()]
     else:  # the data module validates names first
         raise ValueError(f"not a resolved augmentation preset: {preset!r}")
     return Pipeline(steps)

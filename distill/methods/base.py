@@ -84,6 +84,9 @@ class DistillModule(L.LightningModule):
     #: What a NaN/inf training loss does: ``"stop"`` the run with an error naming the step and loss part,
     #: or ``"skip"`` the batch and count it in ``train/skipped_nonfinite`` (``distill fit --nonfinite_loss``).
     nonfinite_loss = "stop"
+    #: Whether the method augments its training batches on the device itself, so that the loaders must not
+    #: (it then trains on ``data.augment: none``, which :meth:`check_training_data` enforces).
+    augments_on_device: bool = False
 
     def __init__(
         self,

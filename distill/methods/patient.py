@@ -110,6 +110,7 @@ class PatientConsistentKD(TeacherStudentModule):
     """
 
     report_end_of_schedule = True  # Beyer et al. report the end of the schedule (see Reporting)
+    augments_on_device = True  # the inception crops and mixup, the same for teacher and student
 
     def __init__(
         self,
@@ -238,7 +239,7 @@ class PatientConsistentKD(TeacherStudentModule):
 
     def check_training_data(self, augment: str) -> None:
         # a second augmentation in the loaders would crop the crops: fail before training starts
-        if augment != "none":
+        if self.augments_on_device and augment != "none":
             raise ConfigError(f"PatientConsistentKD crops, flips and mixes on the device; the data module's augment "
                               f"is {augment!r}: set data.augment to none (and train_image_size for large images).")
 

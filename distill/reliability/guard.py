@@ -17,7 +17,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from distill.lightning_private import cluster_environment, training_loaders
+from distill.lightning_private import cluster_environment, epoch_to_train, restart_training_iterator, training_loaders
 from distill.reliability.checkpoints import AtomicCheckpointIO
 
 # RunGuard continues a run stopped mid-epoch at the right batch (see _continue_epoch), which is
@@ -163,6 +163,8 @@ class RunGuard(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored is not None:
+            # before the restore: re-making an iterator draws from the global generator
+            self._place_samplers(trainer)
             _set_rng_state(self._restored["rng"])
             if not self._restored["mid_epoch"]:
                 # An uninterrupted run creates the next epoch's DataLoader iterator after this
@@ -170,8 +172,20 @@ class RunGuard(Callback):
                 # draw before the restore, so make it again.
                 torch.empty((), dtype=torch.int64).random_()
             self._restored = None
-            self._continue_epoch(trainer)
         self._install_signal_handlers(trainer)
+
+    def _place_samplers(self, trainer: L.Trainer) -> None:
+        """The resumed epoch's order, from the batch where it stopped. DataLoader workers take their first indices
+        when the iterator is made, which Lightning does before it sets the samplers' epoch: with workers, the
+        iterator is made again once the samplers are placed (without them, the samplers are read lazily)."""
+        loaders = training_loaders(trainer)
+        for loader in loaders:
+            for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch_to_train(trainer))
+        self._continue_epoch(trainer)
+        if any(getattr(loader, "num_workers", 0) for loader in loaders):
+            restart_training_iterator(trainer)
 
     @property
     def _mid_epoch(self) -> bool:
