@@ -170,10 +170,11 @@ class DistillCLI(LightningCLI):
         if changed:
             run_dir = ckpt_path.parent.parent
             listed = ", ".join(f"{key} (given {before.get(key)!r}, the run's {after.get(key)!r})" for key in changed)
+            overrides = " ".join(f"--model.init_args.{k} {before.get(k)!r}" for k in changed if k != "class_path")
             raise ConfigError(f"a resumed run continues with the method arguments it started with; these differ from "
-                              f"its checkpoint: {listed}. Resume without them, or start a new run with them: "
-                              f"distill fit --config {run_dir / 'config.yaml'} "
-                              + " ".join(f"--model.init_args.{k} {before.get(k)!r}" for k in changed if k != "class_path"))
+                              f"its checkpoint: {listed}. Resume without them, or start a new run with them from this "
+                              f"run's weights: distill fit --config {run_dir / 'config.yaml'} --model.init_args.student_init "
+                              f"{ckpt_path} {overrides} (without student_init: from the start)")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

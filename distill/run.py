@@ -198,6 +198,7 @@ def finish_fit(
         "method": type(model).__name__,
         "student": model.hparams.get("student"),
         "teacher": getattr(model, "teacher_info", None),
+        "student_init": getattr(model, "student_init_info", None),
         "best_val_acc": _plain(best_score) if best_score is not None else None,
         "test_acc": test_metrics.get("test/acc"),
         "test": test_metrics,

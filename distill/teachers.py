@@ -233,6 +233,28 @@ def load_network(
     return LoadedNetwork(network, spec, str(path), sha256_of(path))
 
 
+def load_weights_into(network: nn.Module, spec: NetworkSpec, path: str | Path) -> dict[str, str]:
+    """Loads the weights of the network stored in ``path`` (a method's checkpoint: its student; a saved network)
+    into ``network``, built from ``spec``; one :class:`CheckpointError` when the file holds another network.
+    Returns ``{"path", "sha256"}`` of the file, to record."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"student_init {path} does not exist; give a run's checkpoint or model.safetensors.")
+    stored, state = _read_file(path, fallback=spec)
+    wanted = (spec.model, spec.num_classes, spec.in_channels, dict(spec.model_kwargs or {}))
+    found = (stored.model, stored.num_classes, stored.in_channels, dict(stored.model_kwargs or {}))
+    if found != wanted:
+        raise CheckpointError(f"student_init {path} holds a {stored.model!r} network for {stored.num_classes} classes and "
+                              f"{stored.in_channels} channels ({found[3] or 'no options'}); the student is {spec.model!r} "
+                              f"for {spec.num_classes} and {spec.in_channels} ({wanted[3] or 'no options'}).")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"student_init {path} does not fit the student {spec.model!r}: {detail}") from None
+    return {"path": str(path), "sha256": sha256_of(path)}
+
+
 def save_network(network: nn.Module, spec: NetworkSpec, path: str | Path, **info: Any) -> Path:
     """Writes ``network`` as a ``.safetensors`` file that :func:`load_network` rebuilds by itself.
 

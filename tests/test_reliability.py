@@ -508,6 +508,34 @@ def test_a_resume_keeps_the_runs_arguments_and_finds_its_teacher_by_content(tmp_
     assert again["epochs"] == 3 and again["teacher"]["path"] == first_teacher
 
 
+def test_a_refused_resume_names_the_command_of_a_new_run_from_its_weights_which_starts_there(tmp_path, capsys):
+    """The command a refused resume names starts a new run whose student begins with the stopped run's weights
+    (checked with a learning rate of 0: the export is those weights), recorded with their sha256; a file of
+    another network is one error before any run directory."""
+    from distill.teachers import sha256_of
+
+    config = tiny_config(tmp_path, method="BaselineKD", epochs=1)
+    run = Path(fit("--config", str(config), "--run_name", "kd").results["run_dir"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        fit("--resume", str(run), "--model.init_args.temperature", "8")
+    command = capsys.readouterr().err.split("from this run's weights: distill fit ")[1].split(" (without")[0].split()
+    assert command[:4] == ["--config", str(run / "config.yaml"), "--model.init_args.student_init",
+                           str(run / "checkpoints" / "last.ckpt")]
+    frozen = ["--model.init_args.optimizer.init_args.lr", "0", "--run_name", "from_weights"]
+    new = fit(*command, *frozen).results
+    assert Path(new["run_dir"]).parent.name == "from_weights" and new["student_init"] == {
+        "path": str(run / "checkpoints" / "last.ckpt"), "sha256": sha256_of(run / "checkpoints" / "last.ckpt")}
+    started, ended = load_file(str(run / "model.safetensors")), load_file(new["model_file"])
+    assert started.keys() == ended.keys() and all(torch.equal(v, ended[k]) for k, v in started.items())
+    assert new["config"]["model"]["init_args"]["temperature"] == 8.0
+    with pytest.raises(SystemExit) as refused:
+        fit("--config", str(config), "--model.init_args.student=mlp_300_300",
+            "--model.init_args.student_init", str(run / "model.safetensors"), "--run_name", "wrong")
+    assert refused.value.code == 2 and "holds a 'mlp_30_30' network" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "wrong").exists()
+
+
 def test_extending_a_finished_run_makes_a_new_version_and_latest_stays_on_the_newest(tmp_path):
     config = tiny_config(tmp_path, epochs=1)
     first = Path(fit("--config", str(config), "--run_name", "x").results["run_dir"])

@@ -396,8 +396,9 @@ def start_worker(worker_id: int, rank: int) -> None:
     then exits with status 0 (which torch's training process does not count as a worker failure), so a worker
     never outlives a training process that forgot it. One whose training process died ends anyway (torch's
     workers watch their parent)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)  # taken by the thread below, never by this one
-    threading.Thread(target=_take_signals, args=(os.getppid(),), name="distill-worker-signals", daemon=True).start()
+    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere (macOS) the workers keep torch's handling
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)  # taken by the thread below, never by this one
+        threading.Thread(target=_take_signals, args=(os.getppid(),), name="distill-worker-signals", daemon=True).start()
     seed_worker_as_lightning(worker_id, rank)
 
 

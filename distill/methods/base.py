@@ -25,7 +25,7 @@ from distill.methods.evaluation import EvaluationMetrics
 from distill.optim import lightning_optimization
 from distill.reliability import RunGuard
 from distill.reliability.nonfinite import all_finite, nonfinite_loss_error
-from distill.teachers import NetworkSpec
+from distill.teachers import NetworkSpec, load_weights_into
 
 @dataclass
 class TrainingBatch:
@@ -67,6 +67,11 @@ class DistillModule(L.LightningModule):
         student: zoo name of the network this run trains (``distill.models.list_models()``); for
             :class:`~distill.methods.Supervised` simply the network trained from labels.
         student_kwargs: extra constructor arguments of the student (e.g. ``{"dropout": 0.5}``).
+        student_init: weights the student starts from instead of a random initialisation: a run's checkpoint
+            (``RUN_DIR/checkpoints/last.ckpt``: its student) or an exported ``model.safetensors`` of the same
+            network (fine-tuning, or a new run from a stopped run's weights with other method arguments, which a
+            resume refuses). Optimiser, schedule and epochs start afresh; ``results.json`` records the file and its
+            sha256 (``student_init``).
         num_classes: number of classes; the CLI links it from the DataModule.
         in_channels: image channels; linked from the DataModule.
         image_size: input resolution; linked from the DataModule (MLPs need it).
@@ -92,6 +97,7 @@ class DistillModule(L.LightningModule):
         self,
         student: str,
         student_kwargs: dict[str, Any] | None = None,
+        student_init: str | None = None,
         num_classes: int = 10,
         in_channels: int = 3,
         image_size: int | None = None,
@@ -110,6 +116,9 @@ class DistillModule(L.LightningModule):
         set_initial_hparams(self, {"method": type(self).__name__})
         self.student_spec = NetworkSpec(student, num_classes, in_channels, image_size, dict(student_kwargs or {}))
         self.student = self.student_spec.build()
+        #: ``{"path", "sha256"}`` of the weights the student started from (``student_init``), for results.json
+        self.student_init_info = load_weights_into(self.student, self.student_spec, student_init) \
+            if student_init is not None else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         #: Prepended to every logged name; staged methods set it per stage (``"ta1/"``).
