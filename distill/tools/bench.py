@@ -308,9 +308,13 @@ def _patient(teaching: str) -> Callable[[BenchContext], DistillModule]:
 
 
 def _teacher_outputs(module: DistillModule, context: BenchContext) -> torch.Tensor:
-    # the cache's own computation, on the benchmark's batches (their indices are distinct)
+    # the cache's own computation, on the benchmark's batches (their indices are distinct), by the teacher on their
+    # device; the logits end there too, as on_fit_start holds them (the module's later .to() moves no plain tensor
+    # attribute). Computed on a CPU teacher, it failed on CUDA: CUDA images into CPU weights.
+    device = context.batches[0][0].device
+    module.to(device)
     size = sum(len(indices) for _, _, indices in context.batches)
-    return teacher_cache.compute(context.batches, module.teacher_logits, size, context.batches[0][0].device)
+    return teacher_cache.compute(context.batches, module.teacher_logits, size, device).to(device)
 
 
 #: The rows of the methods that are measured in several settings or stages, or against a hand-written
