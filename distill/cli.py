@@ -16,7 +16,6 @@ import contextlib
 import functools
 import os
 import shutil
-import signal
 import sys
 import time
 import types
@@ -33,7 +32,8 @@ from distill.errors import CheckpointError, ConfigError, DistillError, storage_e
 from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, Stopped, preemptible_after_training, signals_stop_the_command
 from distill.reliability.checkpoints import fork_run
-from distill.run import DISTILL_DATA_MODULE, EXPORT_FILE, RESULTS_FILE, RUN_DIR_ENV, write_json_atomic, finish_fit, next_numbered_dir, next_version_dir, run_loggers
+from distill.run import (DISTILL_DATA_MODULE, EXPORT_FILE, RESULTS_FILE, RUN_DIR_ENV, finish_fit, has_checkpoint,
+                         next_numbered_dir, next_version_dir, run_loggers, write_json_atomic)
 from distill.teachers import safe_torch_load, sha256_of
 
 # test/predict of a run's checkpoint log into a folder inside the run; the checkpoint callback's recorded
@@ -459,13 +459,14 @@ def resume_arguments(args: list[str]) -> list[str]:
             resumes = sorted(run_dir.glob("config.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
             config = resumes[-1] if resumes else run_dir / "config.yaml"
             last = run_dir / "checkpoints" / "last.ckpt"
-            if not config.is_file() and run_dir.is_dir() and not any(last.parent.glob("*.ckpt")):
+            resumable = has_checkpoint(run_dir)
+            if not config.is_file() and run_dir.is_dir() and not resumable:
                 raise ConfigError(f"cannot resume {run_dir}: it stopped before it saved its config.yaml, so there is "
                                   "nothing to continue; run the command that started it again.")
             if not config.is_file():
                 raise ConfigError(f"cannot resume {run_dir}: {config} does not exist (a run directory "
                                   "holds config.yaml and checkpoints/last.ckpt).")
-            if not any(last.parent.glob("*.ckpt")):
+            if not resumable:
                 raise ConfigError(f"cannot resume {run_dir}: it stopped before its first checkpoint, so there is "
                                   f"nothing to continue; start it again with: distill fit --config {config}")
             rest = args[:position] + args[value_at + 1:]
@@ -493,8 +494,8 @@ def _user_error(err: BaseException | None) -> DistillError | None:
     while err is not None and id(err) not in seen:
         if isinstance(err, DistillError):
             return err
-        if isinstance(err, OSError) and storage_error(err) is not None:
-            return storage_error(err)
+        if isinstance(err, OSError) and (storage := storage_error(err)) is not None:
+            return storage
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
@@ -560,7 +561,7 @@ def stopped_outside_training(stop: Stopped, run_dir: Path | None) -> int:
         print(f"distill: stopped by {stop.signal_name} after the run had finished; its results are in {run_dir}",
               file=sys.stderr)
         return 0
-    if run_dir is not None and any((run_dir / "checkpoints").glob("*.ckpt")):
+    if run_dir is not None and has_checkpoint(run_dir):
         print(f"distill: stopped by {stop.signal_name} outside training; continue with: distill fit --resume {run_dir}",
               file=sys.stderr)
         return 0
@@ -568,7 +569,7 @@ def stopped_outside_training(stop: Stopped, run_dir: Path | None) -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
     print(f"distill: stopped by {stop.signal_name} before training started; nothing was kept, so run the same "
           "command again", file=sys.stderr)
-    return 128 + signal.Signals[stop.signal_name].value
+    return 128 + stop.signum
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ def next_version_dir(root: str | Path, name: str) -> Path:
     return next_numbered_dir(Path(root) / name, "version_")
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run directory holds a checkpoint to continue from (``checkpoints/*.ckpt``)."""
+    return any((run_dir / "checkpoints").glob("*.ckpt"))
+
+
 def dir_number(path: Path, prefix: str = "version_") -> int | None:
     """N of a directory named ``<prefix>N``, else None."""
     match = re.fullmatch(rf"{re.escape(prefix)}(\d+)", path.name)

@@ -225,12 +225,16 @@ def load_network(
             f"{path} expects {spec.in_channels}-channel images but the data has {in_channels} channels."
         )
     network = spec.build()
+    _load_strictly(network, state, f"{path} does not fit model {spec.model!r}")
+    return LoadedNetwork(network, spec, str(path), sha256_of(path))
+
+
+def _load_strictly(network: nn.Module, state: Mapping[str, torch.Tensor], misfit: str) -> None:
+    """``state`` into ``network``, every key; a mismatch is one :class:`CheckpointError`, ``misfit`` + torch's detail."""
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise CheckpointError(f"{path} does not fit model {spec.model!r}: {detail}") from None
-    return LoadedNetwork(network, spec, str(path), sha256_of(path))
+        raise CheckpointError(f"{misfit}: {' '.join(str(err).split())[:300]}") from None
 
 
 def load_weights_into(network: nn.Module, spec: NetworkSpec, path: str | Path) -> dict[str, str]:
@@ -247,11 +251,7 @@ def load_weights_into(network: nn.Module, spec: NetworkSpec, path: str | Path) -
         raise CheckpointError(f"student_init {path} holds a {stored.model!r} network for {stored.num_classes} classes and "
                               f"{stored.in_channels} channels ({found[3] or 'no options'}); the student is {spec.model!r} "
                               f"for {spec.num_classes} and {spec.in_channels} ({wanted[3] or 'no options'}).")
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise CheckpointError(f"student_init {path} does not fit the student {spec.model!r}: {detail}") from None
+    _load_strictly(network, state, f"student_init {path} does not fit the student {spec.model!r}")
     return {"path": str(path), "sha256": sha256_of(path)}
 
 

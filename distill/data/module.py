@@ -314,13 +314,13 @@ class DistillDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, data: IndexedSplit, batch_size: int, shuffle: bool) -> DataLoader:
-        rank = self._shard()[1]
+        replicas, rank = self._shard()
         return DataLoader(
             data,
             batch_size=batch_size,
             # order and augmentation seeded by the run's seed (seed_everything sets torch's initial seed), the epoch
             # and, for augmentation, the sample
-            sampler=EpochShuffle(data, torch.initial_seed(), *self._shard(), draw_seeds=True) if shuffle else None,
+            sampler=EpochShuffle(data, torch.initial_seed(), replicas, rank, draw_seeds=True) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,6 @@ def fork_run(source: Path, target: Path, leave_out: tuple[str, ...]) -> None:
     """Copies a finished run's directory into ``target`` (an empty new version) but for ``leave_out`` (its results
     and exports), and moves the paths its checkpoints hold (the checkpoint callback's best and last files, stage
     exports) to ``target``: resuming from there continues the run exactly, and the source is never written."""
-    import shutil
-
     for item in source.iterdir():
         if item.name in leave_out or item.name.startswith((".", "test_", "validate_", "predict_")):
             continue

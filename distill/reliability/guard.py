@@ -71,6 +71,7 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name
 
 
@@ -196,9 +197,9 @@ class RunGuard(Callback):
         return 0 < done < trainer.num_training_batches
 
     def _continue_epoch(self, trainer: L.Trainer) -> None:
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if not 0 < done < trainer.num_training_batches:
+        if not self._mid_epoch:
             return
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         for loader in training_loaders(trainer):
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "skip_next"):

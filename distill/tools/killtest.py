@@ -40,6 +40,7 @@ import yaml
 
 from distill.methods import METHODS as REGISTRY
 from distill.methods import DistillModule, StagedModule, TeacherStudentModule
+from distill.run import child_environment, dir_number, has_checkpoint
 
 #: the methods tested, in the registry's order
 METHODS = tuple(REGISTRY)
@@ -173,14 +174,11 @@ def _command() -> list[str]:
 
 
 def _environment(**extra: str) -> dict[str, str]:
-    from distill.run import child_environment
-
     return {**child_environment(), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _latest_run(parent: Path) -> Path | None:
-    runs = sorted(parent.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    return runs[-1] if runs else None
+    return max((p for p in parent.glob("version_*") if dir_number(p) is not None), key=dir_number, default=None)
 
 
 def _compared(results: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +219,7 @@ def _interrupt(process: subprocess.Popen, kind: str, checkpoints: Path, rng: ran
         while process.poll() is None and not (checkpoints.parent / "config.yaml").exists():
             time.sleep(0.01)
         _kill(process)
-        written = any(checkpoints.glob("*.ckpt"))
+        written = has_checkpoint(checkpoints.parent)
         log.append(f"SIGKILL before the first checkpoint{' (too late: one was written)' if written else ''}")
         return
     if kind == "write":  # the run sleeps between writing the temporary file and the rename
@@ -307,7 +305,7 @@ def continue_arguments(run_dir: Path | None, config: Path, method: str) -> list[
     the command that the refused resume names (asserting that it is refused that way)."""
     if run_dir is None:
         return ["--config", str(config), "--run_name", f"killed/{method}"]
-    if any((run_dir / "checkpoints").glob("*.ckpt")):
+    if has_checkpoint(run_dir):
         return ["--resume", str(run_dir)]
     refused = subprocess.run([*_command(), "--resume", str(run_dir)], capture_output=True, text=True,
                              env=_environment())
