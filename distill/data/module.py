@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import threading
@@ -327,6 +329,7 @@ class DistillDataModule(L.LightningDataModule):
             drop_last=False,
             collate_fn=NormalizeBatch(self.mean, self.std),
             worker_init_fn=functools.partial(start_worker, rank=rank) if self.num_workers else None,
+            multiprocessing_context=worker_context() if self.num_workers else None,
         )
 
     def _train_geometry(self, geometry: Geometry) -> Geometry:
@@ -400,6 +403,30 @@ def start_worker(worker_id: int, rank: int) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)  # taken by the thread below, never by this one
         threading.Thread(target=_take_signals, args=(os.getppid(),), name="distill-worker-signals", daemon=True).start()
     seed_worker_as_lightning(worker_id, rank)
+
+
+class _BornShieldedProcess(multiprocessing.context.ForkProcess):
+    """A worker process forked with SIGTERM and SIGUSR1 blocked: one that arrives before :func:`start_worker` runs
+    waits for its thread instead of killing the worker (torch's handler is in place from the worker's first line)."""
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _BornShieldedContext(multiprocessing.context.ForkContext):
+    Process = _BornShieldedProcess
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """The DataLoader's worker context: forking with the signals blocked where workers are forked and
+    :func:`start_worker` can take the signals (Linux); None (torch's default) elsewhere."""
+    if hasattr(signal, "sigwaitinfo") and multiprocessing.get_context().get_start_method() == "fork":
+        return _BornShieldedContext()
+    return None
 
 
 def _take_signals(training_process: int) -> None:
