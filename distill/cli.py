@@ -188,7 +188,8 @@ class DistillCLI(LightningCLI):
             self.datamodule.setup()
         if self.config.get("subcommand") == "fit" and isinstance(self.model, DistillModule):
             # before a run directory is claimed (a DataModule of your own does not augment for the method)
-            self.model.check_training_data(getattr(self.datamodule, "augment", "none"))
+            self.model.check_training_data(getattr(self.datamodule, "augment", "none"),
+                                           bool(getattr(self.datamodule, "device_resident", False)))
         trainer_config = self._get(self.config_init, "trainer", default={})
         if self.config.get("subcommand") == "fit":
             check_trains_something(trainer_config)  # before a run directory is claimed

@@ -222,6 +222,7 @@ def load_for_training_split(
     loader_view: str = "train",
     path: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    build: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor, str, Path]:
     """The cached teacher outputs of every training image of a method's fit, built if needed.
 
@@ -230,10 +231,11 @@ def load_for_training_split(
     images of ``data.eval_dataloader("train", view=loader_view)``) sees each image; the data module's
     geometry and normalisation are added to it. ``path`` pins the file (a stale one is an error);
     otherwise the file goes to ``cache_dir`` (default ``<trainer.default_root_dir>/teacher_cache``).
+    ``build`` computes the rows itself instead (e.g. every augmented view of each image, one row per image).
     Returns ``(logits on CPU, status, path)``.
     """
     return load_for_split(module, "train", view, outputs, module_teacher_fingerprint(module), loader_view, path,
-                          cache_dir)
+                          cache_dir, build)
 
 
 def load_for_split(
@@ -245,6 +247,7 @@ def load_for_split(
     loader_view: str = "eval",
     path: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    build: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor, str, Path]:
     """As :func:`load_for_training_split`, for any split (``train``, ``val``, ``test``) and any teacher,
     named by its fingerprint ``teacher`` (:func:`module_teacher_fingerprint`)."""
@@ -265,10 +268,10 @@ def load_for_split(
         path = default_path(folder, key, data.hparams["dataset"], split_name)
     path = Path(path)
 
-    def build() -> Tensor:
+    def in_order() -> Tensor:
         return compute(data.eval_dataloader(split_name, view=loader_view), outputs, len(split), module.device)
 
-    logits, status = load_or_build(key, len(split), build, path, pinned=pinned, strategy=trainer.strategy,
+    logits, status = load_or_build(key, len(split), build or in_order, path, pinned=pinned, strategy=trainer.strategy,
                                    local_rank=trainer.local_rank)
     return logits, status, path
 

@@ -210,8 +210,66 @@ def test_cached_teacher_outputs_train_the_same_student_without_running_the_teach
     assert len(list((tmp_path / "teacher_cache").glob("*.safetensors"))) == 1  # trainer.default_root_dir = cwd
 
 
+def test_every_view_cache_gives_the_online_teachers_targets_on_augmented_resident_data(tmp_path, teacher_file):
+    """Device-resident data with the cifar augmentation (16 px: pad 2, 5 × 5 offsets × 2 flips = 50 views): the
+    cache holds the teacher's logits for every view of every image; each step's looked-up targets equal the
+    online teacher's on the step's own augmented images, and the student trains as with the online teacher."""
+    def fit(cache: bool, root: str):
+        torch.manual_seed(0)
+        model = kd_module(teacher_file, cache_teacher_outputs=cache)
+        forwards, stepping = {"train": 0}, in_training_losses(model)
+        model.teacher.register_forward_hook(
+            lambda *_: forwards.__setitem__("train", forwards["train"] + stepping[0]))
+        looked_up = model.training_teacher_logits
+        gaps = []
+
+        def compared(batch):
+            targets = looked_up(batch)
+            if cache:
+                stepping[0] = False  # the comparison's own teacher pass is not the method's
+                gaps.append((targets - model.teacher_logits(batch.images)).abs().max().item())
+                stepping[0] = True
+            return targets
+
+        model.training_teacher_logits = compared
+        trainer = tiny_trainer(tmp_path / root, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=fake_datamodule(augment="cifar", device_resident=True))
+        return model, forwards["train"], gaps
+
+    cached, cached_forwards, gaps = fit(True, "cached")
+    plain, plain_forwards, _ = fit(False, "plain")
+    assert cached_forwards == 0 and plain_forwards > 0
+    assert cached.cached_logits.shape == (96, 50, 10)
+    assert len(gaps) == 6 and max(gaps) < 1e-5, gaps
+    for (name, a), b in zip(cached.student.state_dict().items(), plain.student.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_every_view_of_an_image_is_a_different_image_and_a_training_batch_holds_the_view_it_names():
+    """BatchAugment's view numbers: the 162 views of a 32-px image (9 × 9 offsets × 2 flips) are 162 different
+    images, and a resident training batch's images are exactly its images in the views the batch names."""
+    from distill.data.resident import BatchAugment, DeviceResidentLoader
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    augment = BatchAugment("cifar", 32)
+    assert augment.views == 162
+    every = augment.apply(images[:1].expand(162, -1, -1, -1), torch.arange(162))
+    assert len({tuple(view.flatten().tolist()) for view in every}) == 162
+    loader = DeviceResidentLoader(images, torch.zeros(40, dtype=torch.int64), batch_size=16, mean=[0.5] * 3,
+                                  std=[0.25] * 3, shuffle=True, preset="cifar", seed=3, with_views=True)
+    in_order = DeviceResidentLoader(images, torch.zeros(40, dtype=torch.int64), batch_size=16, mean=[0.5] * 3,
+                                    std=[0.25] * 3, shuffle=False)
+    by_view = {view: torch.cat([b[0] for b in in_order.in_view(augment, view)]) for view in range(162)}
+    batches = list(loader)
+    assert sum(len(b[2]) for b in batches) == 40 and len({v for b in batches for v in b[3].tolist()}) > 20
+    for images_, _, indices, views in batches:
+        expected = torch.stack([by_view[int(v)][int(i)] for i, v in zip(indices, views)])
+        assert torch.equal(images_, expected)
+
+
 def test_teacher_cache_needs_unaugmented_data(tmp_path, teacher_file):
-    with pytest.raises(ConfigError, match="augment"):
+    with pytest.raises(ConfigError, match="augment.*device_resident: true"):  # per-image views are not enumerated
         tiny_trainer(tmp_path).fit(kd_module(teacher_file, cache_teacher_outputs=True),
                                    datamodule=fake_datamodule(augment="cifar"))
     with pytest.raises(ConfigError, match="cache_teacher_outputs"):

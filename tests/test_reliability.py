@@ -285,6 +285,37 @@ def test_nonfinite_loss_skip_counts_the_skipped_batches(tmp_path):
     assert [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]] == [1.0, 2.0]
 
 
+def test_a_nonfinite_loss_is_read_within_a_few_steps_and_named_by_its_own_step(tmp_path):
+    """The losses are read on the host every READ_EVERY steps (no synchronisation per step): a NaN at step 2 of a
+    20-step epoch stops the run within READ_EVERY steps, naming step 2, not the step that read it."""
+    from distill.reliability.nonfinite import READ_EVERY
+
+    model = _nan_module([2])
+    steps = []
+    model.training_losses = lambda batch, real=model.training_losses: steps.append(batch.batch_idx) or real(batch)
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"global step 2 \(epoch 0, batch 2\): loss_ce = nan"):
+        trainer.fit(model, datamodule=fake_datamodule(fake_sizes=[640, 32, 32]))
+    assert 2 < len(steps) <= READ_EVERY < 20, steps
+
+
+def test_no_checkpoint_is_written_from_weights_a_nonfinite_step_touched(tmp_path):
+    """A checkpoint every step: the save after the NaN step reads the pending losses first and stops the run, so
+    the newest checkpoint holds the weights from before it, all finite."""
+    class EveryStep(L.Callback):  # (a ModelCheckpoint here would be replaced by the method's own)
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            trainer.save_checkpoint(tmp_path / "steps" / f"{trainer.global_step}.ckpt")
+
+    every_step = EveryStep()
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[every_step])
+    with pytest.raises(NonFiniteLossError, match=r"global step 5 \(epoch 0, batch 5\)"):
+        trainer.fit(_nan_module([5]), datamodule=fake_datamodule(fake_sizes=[640, 32, 32]))
+    saved = {safe_torch_load(path)["global_step"]: safe_torch_load(path)["state_dict"]
+             for path in (tmp_path / "steps").glob("*.ckpt")}
+    assert sorted(saved) == [1, 2, 3, 4, 5]  # step 5's weights are those before the NaN batch's update
+    assert all(torch.isfinite(v).all() for state in saved.values() for v in state.values() if v.is_floating_point())
+
+
 # ----------------------------------------------------------------------------- determinism
 def test_same_config_and_seed_give_identical_results(tmp_path):
     config = tiny_config(tmp_path, epochs=2, augment="jitter")  # random augmentation included

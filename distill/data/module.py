@@ -143,6 +143,9 @@ class DistillDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.device_resident = device_resident
         self._resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: Set by a method that looks up per-view teacher outputs (BaselineKD's cache on augmented resident data):
+        #: training batches then carry each image's view number, ``(images, labels, indices, views)``.
+        self.training_views = False
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -289,7 +292,7 @@ class DistillDataModule(L.LightningDataModule):
         images, labels = self._resident[split]
         return DeviceResidentLoader(images, labels, batch_size, self.mean, self.std, shuffle=shuffle,
                                     preset=self.augment, seed=torch.initial_seed(), device=device,
-                                    num_replicas=replicas, rank=rank)
+                                    num_replicas=replicas, rank=rank, with_views=self.training_views)
 
     def predict_dataloader(self) -> DataLoader:
         """``distill predict`` runs over the test split, in order."""

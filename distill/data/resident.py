@@ -53,6 +53,11 @@ class BatchAugment:
 
     ``cifar``: zero-pad by ``size / 8`` (4 px at 32 px), crop back at a random offset per image, and
     mirror with probability 1/2; ``jitter``: pad 2, crop, no flip. As the per-image transforms.
+
+    Each preset has a finite set of views of an image, :attr:`views` of them (``cifar`` at 32 px: 9 × 9 crop
+    offsets × 2 = 162), numbered ``(top · positions + left) · flips + mirrored``. :meth:`draw` picks one per
+    image and :meth:`apply` cuts it, so the teacher's output for every view of every image can be computed once
+    and looked up by ``(index, view)`` (BaselineKD's ``cache_teacher_outputs`` on augmented resident data).
     """
 
     def __init__(self, preset: str, size: int) -> None:
@@ -62,23 +67,52 @@ class BatchAugment:
         self.preset = preset
         self.padding = {"none": 0, "cifar": max(1, round(size / 8)), "jitter": 2}[preset]
         self.flip = preset == "cifar"
+        self.positions = 2 * self.padding + 1  # crop offsets per axis
+        self.flips = 2 if self.flip else 1
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    @property
+    def views(self) -> int:
+        """How many different images the preset can make of one image."""
+        return self.positions ** 2 * self.flips
+
+    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """A random view per image (int64, on the generator's device)."""
+        device = generator.device
+        views = torch.zeros(batch, dtype=torch.int64, device=device)
         if self.padding:
-            images = random_crop(images, self.padding, generator)
+            top, left = torch.randint(0, self.positions, (2, batch), device=device, generator=generator)
+            views = (top * self.positions + left) * self.flips
         if self.flip:
-            mirror = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+            views = views + (torch.rand(batch, device=device, generator=generator) < 0.5)
+        return views
+
+    def apply(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """Each image in its view (``views``: one number per image, as :meth:`draw` gives)."""
+        place = views // self.flips
+        if self.padding:
+            images = crop_at(images, self.padding, place // self.positions, place % self.positions)
+        if self.flip:
+            mirror = (views % self.flips).bool()
             images = torch.where(mirror.view(-1, 1, 1, 1), images.flip(-1), images)
         return images
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(images, self.draw(images.shape[0], generator))
 
 
 def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad every image by ``padding`` and cut it back to its size at its own random offset."""
+    top, left = torch.randint(0, 2 * padding + 1, (2, images.shape[0]), device=images.device, generator=generator)
+    return crop_at(images, padding, top, left)
+
+
+def crop_at(images: torch.Tensor, padding: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """Zero-pad every image by ``padding`` and cut it back to its size at offset ``(top[i], left[i])`` of the
+    padded image (one gather for the whole batch)."""
     batch, _, height, width = images.shape
     padded = F.pad(images, (padding,) * 4)
-    top, left = torch.randint(0, 2 * padding + 1, (2, batch, 1), device=images.device, generator=generator)
-    rows = (top + torch.arange(height, device=images.device)).view(batch, 1, height, 1)
-    cols = (left + torch.arange(width, device=images.device)).view(batch, 1, 1, width)
+    rows = (top.view(batch, 1) + torch.arange(height, device=images.device)).view(batch, 1, height, 1)
+    cols = (left.view(batch, 1) + torch.arange(width, device=images.device)).view(batch, 1, 1, width)
     sample = torch.arange(batch, device=images.device).view(batch, 1, 1, 1)
     channel = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
     return padded[sample, channel, rows, cols]
@@ -95,11 +129,14 @@ class DeviceResidentLoader:
         preset: augmentation preset (``none``, ``cifar``, ``jitter``); used only when shuffling.
         seed: the run's seed (``torch.initial_seed()`` as for the DataLoader path).
         num_replicas, rank: DDP processes; each reads its EpochShuffle share, as on the DataLoader path.
+        with_views: training batches are ``(images, labels, indices, views)``: the view number of each image
+            (:class:`BatchAugment`), for a teacher cache of every view.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
                  std: Sequence[float], shuffle: bool, preset: str = "none", seed: int = 0,
-                 device: torch.device | str = "cpu", num_replicas: int = 1, rank: int = 0) -> None:
+                 device: torch.device | str = "cpu", num_replicas: int = 1, rank: int = 0,
+                 with_views: bool = False) -> None:
         device = torch.device(device)
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -108,6 +145,7 @@ class DeviceResidentLoader:
         self.seed = seed
         self.device = device
         self.augment = BatchAugment(preset if shuffle else "none", images.shape[-1])
+        self.with_views = with_views and shuffle
         self.shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
         self.scale = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
         #: Lightning calls ``sampler.set_epoch`` on anything with a ``sampler`` attribute (and reads
@@ -127,7 +165,10 @@ class DeviceResidentLoader:
             return torch.arange(len(self.labels))
         return torch.as_tensor(list(self.sampler), dtype=torch.int64)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(torch.float32).sub_(self.shift).div_(self.scale)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self._order().to(self.device)
         generator = None
         if self.shuffle and self.augment.preset != "none":
@@ -137,10 +178,20 @@ class DeviceResidentLoader:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.images[index]
+            views = torch.zeros_like(index)
             if generator is not None:
-                images = self.augment(images, generator)
-            images = images.to(torch.float32).sub_(self.shift).div_(self.scale)
-            yield images, self.labels[index], index
+                views = self.augment.draw(len(index), generator)
+                images = self.augment.apply(images, views)
+            batch = (self._normalise(images), self.labels[index], index)
+            yield (*batch, views) if self.with_views else batch
+
+    def in_view(self, augment: BatchAugment, view: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The whole split in order, every image in view number ``view`` of ``augment``: ``(images, labels,
+        indices)`` batches, pixel for pixel what a training batch holds for an image drawn in that view."""
+        for start in range(0, len(self.labels), self.batch_size):
+            index = torch.arange(start, min(start + self.batch_size, len(self.labels)), device=self.device)
+            views = torch.full_like(index, view)
+            yield self._normalise(augment.apply(self.images[index], views)), self.labels[index], index
 
 
-__all__ = ["DeviceResidentLoader", "BatchAugment", "materialise", "random_crop", "RESIDENT_PRESETS"]
+__all__ = ["DeviceResidentLoader", "BatchAugment", "materialise", "random_crop", "crop_at", "RESIDENT_PRESETS"]

@@ -24,7 +24,7 @@ from distill.methods.epoch_means import EpochMeans
 from distill.methods.evaluation import EvaluationMetrics
 from distill.optim import lightning_optimization
 from distill.reliability import RunGuard
-from distill.reliability.nonfinite import all_finite, nonfinite_loss_error
+from distill.reliability.nonfinite import ReadPendingLosses, StepLosses, all_finite
 from distill.teachers import NetworkSpec, load_weights_into
 
 @dataclass
@@ -38,6 +38,9 @@ class TrainingBatch:
     indices: Tensor | None
     #: the step's batch index in its epoch (seeds per-batch randomness, e.g. PatientConsistentKD's crops)
     batch_idx: int
+    #: each image's view number under the loader's augmentation (:class:`distill.data.resident.BatchAugment`),
+    #: when the method asked the DataModule for them (``training_views``); else None
+    views: Tensor | None = None
 
 
 #: Epoch-level values a method logs without ``sync_dist`` because they are already reduced or the same on every
@@ -49,13 +52,12 @@ warnings.filterwarnings("ignore", message=rf"It is recommended to use `self.log\
                         r"sync_dist=True\)`")
 
 
-def split_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(images, labels, indices)`` of a DistillDataModule batch, or ``(images, labels, None)`` of a DataModule
-    of your own whose batches are ``(images, labels)``."""
-    if len(batch) == 3:
-        return batch[0], batch[1], batch[2]
-    if len(batch) == 2:
-        return batch[0], batch[1], None
+def split_batch(batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(images, labels, indices, views)`` of a batch: a DistillDataModule's ``(images, labels, indices)``, or
+    ``(images, labels, indices, views)`` when the method asked it for each image's view number
+    (``training_views``), or a DataModule of your own whose batches are ``(images, labels)`` (no indices)."""
+    if len(batch) in (2, 3, 4):
+        return batch[0], batch[1], batch[2] if len(batch) > 2 else None, batch[3] if len(batch) > 3 else None
     raise ConfigError(f"a training or evaluation batch has {len(batch)} parts; distill's methods take "
                       "(images, labels) or (images, labels, indices) from the DataModule's loaders.")
 
@@ -128,6 +130,8 @@ class DistillModule(L.LightningModule):
         #: ``(global_step, val_acc)`` of this process's latest validation (not the sanity check), for finish_fit.
         self.last_validation: tuple[int, Tensor] | None = None
         self.train_means = EpochMeans()  # loss parts and accuracy of the training epoch
+        #: the steps' loss parts on the device, read on the host every few steps (distill.reliability.nonfinite)
+        self.step_losses = StepLosses()
         self.metrics = EvaluationMetrics(num_classes)
         #: the active teacher's logits per val/test index, filled by distill.callbacks.EvalTeacherCache
         self.eval_teacher_logits: dict[str, Tensor] = {}
@@ -149,10 +153,10 @@ class DistillModule(L.LightningModule):
         """The modules whose parameters the optimiser updates (never a teacher)."""
         return [self.student]
 
-    def check_training_data(self, augment: str) -> None:
+    def check_training_data(self, augment: str, device_resident: bool = False) -> None:
         """Raises :class:`~distill.errors.ConfigError` if the method cannot train on loaders with this
-        augmentation preset. ``distill fit`` calls it before the run directory is made; ``setup`` for
-        runs from Python."""
+        augmentation preset (on device-resident data or not). ``distill fit`` calls it before the run directory
+        is made; ``setup`` for runs from Python."""
 
     def training_augment(self) -> str:
         """The training loaders' augmentation preset (``"none"`` when fit without a DistillDataModule)."""
@@ -160,36 +164,44 @@ class DistillModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.check_training_data(self.training_augment())
+            data = getattr(self.trainer, "datamodule", None)
+            self.check_training_data(self.training_augment(), bool(getattr(data, "device_resident", False)))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.active_network()(images)
 
     # ----------------------------------------------------------------------------------- training
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor | None:
-        images, labels, indices = split_batch(batch)
-        logits, losses = self.training_losses(TrainingBatch(images, labels, indices, batch_idx))
+        images, labels, indices, views = split_batch(batch)
+        logits, losses = self.training_losses(TrainingBatch(images, labels, indices, batch_idx, views))
         loss, trainer = losses["loss"], attached_trainer(self)
-        if not all_finite(loss, trainer):
-            if self.nonfinite_loss == "skip":
-                self.skipped_nonfinite += 1
-                return None  # automatic optimisation: no backward, no optimiser step for this batch
-            raise nonfinite_loss_error(losses, trainer, self.log_prefix, self.global_step, self.current_epoch, batch_idx)
-        prefix = f"{self.log_prefix}train/"
-        # Epoch means are summed on the device (EpochMeans, logged once per epoch by EpochTrainingMetrics):
-        # each self.log call costs Lightning 0.5-2 ms of Python, as much as a small network's step. Step
-        # values are logged only on the steps the loggers write, and the loss when a progress bar shows it.
-        self.train_means.update({**{f"{prefix}{name}_epoch": value for name, value in losses.items()},
-                                 f"{prefix}acc": logits.argmax(dim=-1) == labels}, images.shape[0])
+        if self.nonfinite_loss == "skip" and not all_finite(loss, trainer):
+            self.skipped_nonfinite += 1
+            return None  # automatic optimisation: no backward, no optimiser step for this batch
+        # Nothing here reads a device value on the host (that would wait for the GPU every step): epoch means are
+        # summed on the device (EpochMeans, logged once per epoch by EpochTrainingMetrics) and the loss parts are
+        # read every few steps (StepLosses: the non-finite check, the step logs and the progress bar's loss).
+        self.train_means.update({**{f"{self.log_prefix}train/{name}_epoch": value for name, value in losses.items()},
+                                 f"{self.log_prefix}train/acc": logits.argmax(dim=-1) == labels}, images.shape[0])
+        self.step_losses.record(losses, self.log_prefix, self.global_step, self.current_epoch, batch_idx)
         written = trainer is None or writes_step_logs(trainer)
-        progress_bar = trainer is not None and trainer.progress_bar_callback is not None
-        for name, value in losses.items():
-            if written or (progress_bar and name == "loss"):
-                self.log(f"{prefix}{name}_step", value.detach(), on_step=True, on_epoch=False,
-                         prog_bar=progress_bar and name == "loss", batch_size=images.shape[0])
-        if written and trainer is not None:  # the rate as the step used it: warm-ups are visible (a float, no sync)
-            self.log("lr_step", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if written or self.step_losses.due() or batch_idx + 1 >= trainer.num_training_batches:
+            self._log_step_values(self.step_losses.read(trainer), written, trainer, images.shape[0])
         return loss
+
+    def _log_step_values(self, values: dict[str, Tensor], written: bool, trainer: L.Trainer | None,
+                         batch_size: int) -> None:
+        """Logs the step's loss parts (host tensors) on the steps the loggers write, and the loss for a progress
+        bar whenever they are read. Each self.log call costs Lightning 0.5-2 ms of Python, as much as a small
+        network's step, hence not every step."""
+        progress_bar = trainer is not None and trainer.progress_bar_callback is not None
+        for name, value in values.items():
+            if written or (progress_bar and name == "loss"):
+                self.log(f"{self.log_prefix}train/{name}_step", value, on_step=True, on_epoch=False,
+                         prog_bar=progress_bar and name == "loss", batch_size=batch_size)
+        if written and trainer is not None:  # the rate as the step used it: warm-ups are visible (a host value)
+            self.log("lr_step", torch.tensor(float(trainer.optimizers[0].param_groups[0]["lr"])), on_step=True,
+                     on_epoch=False)
 
     def log_train_epoch_metrics(self) -> None:
         """Logs the epoch means of the loss parts (``train/<part>_epoch``) and the accuracy (``train/acc``),
@@ -214,7 +226,7 @@ class DistillModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- evaluation
     def _evaluate(self, batch: Sequence[Tensor], stage: str) -> None:
-        images, labels, indices = split_batch(batch)
+        images, labels, indices, _ = split_batch(batch)
         logits = self.active_network()(images)
         reference = None
         if self.active_teacher() is not None:
@@ -290,7 +302,7 @@ class DistillModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- callbacks, checkpoints
     def configure_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [TrainingThroughput(), EpochTrainingMetrics(), RunGuard()]
+        callbacks: list[Callback] = [TrainingThroughput(), EpochTrainingMetrics(), RunGuard(), ReadPendingLosses()]
         # The method's checkpointing, unless the user configured a monitored checkpoint of their own.
         if not any(c.monitor for c in self.trainer.checkpoint_callbacks):
             callbacks.append(self.checkpoint_callback())

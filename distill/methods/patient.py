@@ -237,7 +237,7 @@ class PatientConsistentKD(TeacherStudentModule):
                           f"as the teacher's input, as the paper does, set data.train_image_size >= {size}.",
                           UserWarning, stacklevel=2)
 
-    def check_training_data(self, augment: str) -> None:
+    def check_training_data(self, augment: str, device_resident: bool = False) -> None:
         # a second augmentation in the loaders would crop the crops: fail before training starts
         if self.augments_on_device and augment != "none":
             raise ConfigError(f"PatientConsistentKD crops, flips and mixes on the device; the data module's augment "

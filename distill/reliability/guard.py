@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from distill.lightning_private import cluster_environment, epoch_to_train, restart_training_iterator, training_loaders
+from distill.reliability import nonfinite
 from distill.reliability.checkpoints import AtomicCheckpointIO
 
 # RunGuard continues a run stopped mid-epoch at the right batch (see _continue_epoch), which is
@@ -233,8 +234,12 @@ class RunGuard(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if not self._stop_requested(trainer) or batch_idx + 1 >= trainer.num_training_batches:
+        if batch_idx + 1 >= trainer.num_training_batches:
             return  # on the epoch's last batch: its validation and last.ckpt come next
+        if trainer.world_size > 1 and (batch_idx + 1) % nonfinite.READ_EVERY:
+            return  # agreeing on a stop reads a device value on the host (waits for the GPU): every few steps
+        if not self._stop_requested(trainer):
+            return
         checkpoint = trainer.checkpoint_callback
         directory = getattr(checkpoint, "dirpath", None) or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
         path = str(Path(directory) / "last.ckpt")
