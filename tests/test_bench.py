@@ -343,3 +343,27 @@ def test_speed_options_in_a_fit(tmp_path, teacher_file):
     trainer.fit(model, datamodule=fake_datamodule())
     assert model.teacher.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(trainer.logged_metrics["train/loss_epoch"])
+
+
+def test_the_gpu_suite_runs_its_rows_on_a_cpu_and_writes_json_and_markdown(tmp_path):
+    """`python -m distill.tools.gpu_suite --tiny`: each row is a real fit (a warm-up epoch and a timed one; a staged
+    method is stopped after it, its stages being longer), the every-view cache row reports its views, and two
+    concurrent runs report their summed rate."""
+    from distill.tools import gpu_suite
+
+    out = tmp_path / "suite.json"
+    records = gpu_suite.main(["--tiny", "--only", "BaselineKD+views on tiny_mlp, batch 16", "ResidualKD/assistant",
+                              "Supervised on tiny_mlp, batch 16", "--concurrent", "2", "--no-step-bounds",
+                              "--json", str(out), "--markdown", str(tmp_path / "suite.md")])
+    rows = {r["row"]: r for r in records}
+    assert set(rows) == {"BaselineKD+views on tiny_mlp, batch 16", "ResidualKD/assistant on tiny_mlp, batch 16",
+                         "BaselineKD+views on tiny_mlp, batch 16, compiled (reduce-overhead)",
+                         "Supervised on tiny_mlp, batch 16", "Supervised on tiny_mlp, batch 16, compiled (reduce-overhead)",
+                         "2 × Supervised on tiny_mlp, batch 16"}
+    loops = [r for r in records if r["kind"] == "loop"]
+    assert all(r["timed_steps"] == 3 and r["images_per_s"] > 0 for r in loops)
+    assert rows["BaselineKD+views on tiny_mlp, batch 16"]["views"] == 18  # 8 px: pad 1, 3 x 3 offsets x 2 flips
+    assert rows["2 × Supervised on tiny_mlp, batch 16"]["images_per_s"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["failures"] == [] and len(saved["records"]) == len(records)
+    assert "| 2 × Supervised on tiny_mlp, batch 16 |" in (tmp_path / "suite.md").read_text()
