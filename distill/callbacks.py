@@ -105,14 +105,21 @@ def apply_speed_options(module: nn.Module, channels_last: bool = False, compile:
 
     * ``channels_last``: 4-D weights in NHWC order; convolutions then run in NHWC (faster with
       tensor cores on GPUs, for bf16 in particular; on CPUs it depends on the oneDNN kernels: measure).
-    * ``compile``: ``nn.Module.compile`` (torch.compile in place) of each network with that mode.
+    * ``compile``: ``nn.Module.compile`` (torch.compile in place) of each network with that mode, for static
+      shapes: each batch shape it meets (the training batch, a smaller last batch, the evaluation batches) gets
+      its own specialised graph (and CUDA graph), instead of one dynamic-shape graph serving all of them more
+      slowly once a second shape has appeared.
     """
     mode = resolve_compile(compile)
     for network in networks_of(module):
         if channels_last:
             network.to(memory_format=torch.channels_last)
         if mode is not None:
-            network.compile(mode=mode)
+            network.compile(mode=mode, dynamic=False)
+
+
+#: torch.compile modes that replay CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class SpeedOptions(Callback):
@@ -134,6 +141,24 @@ class SpeedOptions(Callback):
         if id(pl_module) not in self._applied:
             apply_speed_options(pl_module, self.channels_last, self.compile)
             self._applied.add(id(pl_module))
+
+    def _new_step(self) -> None:
+        # A CUDA-graph replay overwrites the previous replay's outputs; marking each step's start tells torch
+        # that nothing of the previous step's network outputs is read any more (the steps keep only tensors
+        # computed from them), rather than leaving it to guess where an iteration starts.
+        if resolve_compile(self.compile) in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._new_step()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._new_step()
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._new_step()
 
 
 # ------------------------------------------------------------------------------------------- evaluation cache

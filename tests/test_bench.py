@@ -12,7 +12,7 @@ from distill.tools.bench import REQUIRED_KEYS, main
 from distill.data import DistillDataModule
 from distill.data.resident import BatchAugment
 from distill.errors import ConfigError
-from distill.methods import BaselineKD
+from distill.methods import BaselineKD, Supervised
 from distill.methods.epoch_means import EpochMeans
 from distill.callbacks import SpeedOptions, apply_speed_options, networks_of
 from conftest import fake_datamodule, tiny_trainer, training_batch
@@ -343,6 +343,27 @@ def test_speed_options_in_a_fit(tmp_path, teacher_file):
     trainer.fit(model, datamodule=fake_datamodule())
     assert model.teacher.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(trainer.logged_metrics["train/loss_epoch"])
+
+
+def test_a_compiled_fit_trains_the_same_student_as_an_eager_one(tmp_path, monkeypatch):
+    """SpeedOptions(compile="reduce-overhead"): static-shape graphs for the 32-image batches, the last 16-image batch
+    and the evaluation batches; the same weights as the eager fit, and every training and validation step marked as
+    a new CUDA-graph step (a no-op on a CPU)."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def fit(compile):
+        torch.manual_seed(0)
+        model = Supervised(student="mlp_30_30", num_classes=10, in_channels=3, image_size=16)
+        trainer = tiny_trainer(tmp_path / str(compile), max_epochs=2, callbacks=[SpeedOptions(compile=compile)])
+        trainer.fit(model, datamodule=fake_datamodule(fake_sizes=[80, 40, 40]))  # batches of 32, 32 and 16
+        assert (getattr(model.student, "_compiled_call_impl", None) is not None) == bool(compile)
+        return model.student.state_dict()
+
+    eager, compiled = fit(False), fit("reduce-overhead")
+    assert len(marks) == 2 * (3 + 2)  # 3 training and 2 validation batches an epoch
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_the_gpu_suite_runs_its_rows_on_a_cpu_and_writes_json_and_markdown(tmp_path):

@@ -45,8 +45,8 @@ def resolved_config(path: Path, *extra: str) -> dict:
 
 
 def config_files() -> tuple[list[Path], set[Path]]:
-    """The config files under configs/ (sweep spaces excluded): the rows, and the recipes they name."""
-    files = sorted(p for p in CONFIGS.rglob("*.yaml") if "sweeps" not in p.relative_to(CONFIGS).parts)
+    """The config files under configs/ (sweep spaces and overlays excluded): the rows, and the recipes they name."""
+    files = sorted(p for p in CONFIGS.rglob("*.yaml") if not {"sweeps", "overlays"} & set(p.relative_to(CONFIGS).parts))
     recipes = {recipe.resolve() for recipe in map(recipe_of, files) if recipe is not None}
     return [p for p in files if p.resolve() not in recipes], recipes
 
@@ -185,3 +185,18 @@ def test_no_shipped_config_fixes_its_schedule_to_one_run_length():
         if not follows:
             fixed.append(f"{path.relative_to(CONFIGS)}: {class_path} {init_args}")
     assert not fixed, "schedules of one fixed length:\n" + "\n".join(fixed)
+
+
+def test_the_gpu_overlay_adds_its_options_and_keeps_the_experiments_callbacks():
+    """configs/overlays/gpu.yaml after an experiment: bf16, device-resident data, SpeedOptions appended to the
+    experiment's own callbacks (EvalTeacherCache stays), the method and recipe unchanged."""
+    row = CONFIGS / "cifar10_jpeg" / "takd" / "kd_cnn10_cnn2.yaml"
+    plain, gpu = resolved_config(row), resolved_config(row, "--config", str(CONFIGS / "overlays" / "gpu.yaml"))
+    assert gpu["trainer"]["precision"] == "bf16-mixed"
+    data = gpu["data"]["init_args"]
+    assert data["device_resident"] is True and data["num_workers"] == 0
+    assert [c["class_path"] for c in gpu["trainer"]["callbacks"]] == [
+        *(c["class_path"] for c in plain["trainer"]["callbacks"]), "distill.callbacks.SpeedOptions"]
+    assert "distill.callbacks.EvalTeacherCache" in [c["class_path"] for c in gpu["trainer"]["callbacks"]]
+    assert gpu["trainer"]["callbacks"][-1]["init_args"] == {"channels_last": True, "compile": "reduce-overhead"}
+    assert gpu["model"] == plain["model"] and gpu["trainer"]["max_epochs"] == plain["trainer"]["max_epochs"]
