@@ -85,6 +85,86 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         return [base * factor for base in self.base_lrs]
 
 
+def _cosine_between(start: float, end: float, progress: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * progress) + 1.0)
+
+
+class OneCycle(torch.optim.lr_scheduler.LRScheduler):
+    """Smith & Topin's one-cycle schedule, as torch's ``OneCycleLR`` (cosine phases, two of them) computes it,
+    stepped every optimiser step, whose length follows the run (``--trainer.max_epochs`` shortens the cycle).
+
+    The rate rises from ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of the steps, then falls
+    to ``max_lr / (div_factor · final_div_factor)`` at the last step; with ``cycle_momentum`` the momentum (SGD's
+    ``momentum``, Adam's β₁) falls from ``max_momentum`` to ``base_momentum`` and rises back, mirrored.
+
+    Args:
+        max_lr: the peak rate; ``None`` = the optimiser's ``lr`` (so that ``LRScaling`` scales it).
+        total_steps: ``None`` = the run's (a staged method's: the stage's) optimiser steps, filled in by
+            :meth:`distill.methods.DistillModule.configure_optimizers`.
+        pct_start, div_factor, final_div_factor, cycle_momentum, base_momentum, max_momentum: ``OneCycleLR``'s,
+            with its defaults.
+    """
+
+    interval = "step"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_lr: float | None = None, total_steps: int | None = None,
+                 pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4,
+                 cycle_momentum: bool = True, base_momentum: float = 0.85, max_momentum: float = 0.95,
+                 last_epoch: int = -1) -> None:
+        if not 0 < pct_start < 1:
+            raise ConfigError(f"OneCycle pct_start={pct_start} must be in (0, 1).")
+        self.pct_start, self.total_steps = pct_start, total_steps
+        self.cycle_momentum, self.momenta = cycle_momentum, (max_momentum, base_momentum)
+        for group in optimizer.param_groups:
+            peak = max_lr if max_lr is not None else group["lr"]
+            group["initial_lr"] = peak / div_factor
+            group["max_lr"], group["min_lr"] = peak, peak / div_factor / final_div_factor
+            if cycle_momentum:
+                if "momentum" not in group and "betas" not in group:
+                    raise ConfigError("OneCycle cycle_momentum needs an optimiser with momentum (SGD) or betas (Adam); "
+                                      "set cycle_momentum: false.")
+                self._set_momentum(group, max_momentum)
+        super().__init__(optimizer, last_epoch)
+
+    @staticmethod
+    def _set_momentum(group: dict[str, Any], value: float) -> None:
+        if "betas" in group:
+            group["betas"] = (value, *group["betas"][1:])
+        else:
+            group["momentum"] = value
+
+    def needs_run_length(self) -> bool:
+        return self.total_steps is None
+
+    def set_run_length(self, total_steps: int) -> None:
+        """The run's (or stage's) length in optimiser steps (once, before the first step): the rate (and momentum)
+        of the current step are set again for it."""
+        self.total_steps = total_steps
+        for group, rate in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = rate
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _phase(self) -> tuple[int, float]:
+        """(phase 0 rising or 1 falling, progress within it) at the current step, as OneCycleLR's two phases."""
+        total = self.total_steps or 1
+        rise_end = float(self.pct_start * total) - 1
+        step = self.last_epoch
+        if step <= rise_end:
+            return 0, step / rise_end if rise_end > 0 else 1.0
+        return 1, (step - rise_end) / max(total - 1 - rise_end, 1e-12)
+
+    def get_lr(self) -> list[float]:
+        phase, progress = self._phase()
+        rates = []
+        for group in self.optimizer.param_groups:
+            start, end = (group["initial_lr"], group["max_lr"]) if phase == 0 else (group["max_lr"], group["min_lr"])
+            rates.append(_cosine_between(start, end, progress))
+            if self.cycle_momentum:
+                high, low = self.momenta
+                self._set_momentum(group, _cosine_between(*((high, low) if phase == 0 else (low, high)), progress))
+        return rates
+
+
 def scaled_epoch(epoch: int, run_epochs: int, of_epochs: int) -> int:
     """An epoch number of a recipe written for ``of_epochs`` epochs, in a run of ``run_epochs``: rounded, half up."""
     return math.floor(epoch * run_epochs / of_epochs + 0.5)
@@ -238,4 +318,4 @@ def lightning_optimization(params: list[nn.Parameter], optimizer: Callable[[list
     return {"optimizer": built, "lr_scheduler": config}
 
 
-__all__ = ["lightning_optimization", "warmup_cosine", "WarmupCosine", "CosineAnnealing", "MultiStep", "scaled_epoch", "decay_groups", "DecoupledAdamW"]
+__all__ = ["lightning_optimization", "warmup_cosine", "WarmupCosine", "OneCycle", "CosineAnnealing", "MultiStep", "scaled_epoch", "decay_groups", "DecoupledAdamW"]

@@ -181,7 +181,7 @@ def test_no_shipped_config_fixes_its_schedule_to_one_run_length():
         class_path, init_args = scheduler.get("class_path"), scheduler.get("init_args") or {}
         follows = (class_path in ("distill.optim.MultiStep", "distill.optim.CosineAnnealing")
                    and ("T_max" not in init_args and "milestones" not in init_args or init_args.get("of_epochs"))) \
-            or (class_path == "distill.optim.WarmupCosine" and "total_steps" not in init_args)
+            or (class_path in ("distill.optim.WarmupCosine", "distill.optim.OneCycle") and "total_steps" not in init_args)
         if not follows:
             fixed.append(f"{path.relative_to(CONFIGS)}: {class_path} {init_args}")
     assert not fixed, "schedules of one fixed length:\n" + "\n".join(fixed)

@@ -402,6 +402,54 @@ def test_the_learning_rate_of_each_logged_step_is_logged(tmp_path):
     assert rates[:2] == pytest.approx([0.0, 0.2]) and len(rates) == 6  # 3 batches a epoch, warm-up over 2 steps
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("total, pct_start", [(100, 0.15), (37, 0.3), (12, 0.5)])
+def test_one_cycle_is_torchs_one_cycle_lr_with_the_runs_length(optimizer, total, pct_start):
+    """distill.optim.OneCycle, told the run's length after it is built, steps the rate and the momentum (SGD's
+    momentum, Adam's beta1) exactly as torch's OneCycleLR built with that length."""
+    from distill.optim import OneCycle
+
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+            "adam": lambda p: torch.optim.Adam(p, lr=0.003)}[optimizer]
+    ours, theirs = make([torch.nn.Parameter(torch.zeros(2))]), make([torch.nn.Parameter(torch.zeros(2))])
+    schedule = OneCycle(ours, pct_start=pct_start)
+    schedule.set_run_length(total)
+    reference = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=theirs.defaults["lr"], total_steps=total,
+                                                    pct_start=pct_start)
+    momentum = (lambda g: g["momentum"]) if optimizer == "sgd" else (lambda g: g["betas"][0])
+    for _ in range(total):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+        assert momentum(ours.param_groups[0]) == pytest.approx(momentum(theirs.param_groups[0]), rel=1e-12)
+        ours.step(), theirs.step(), schedule.step(), reference.step()
+
+
+def test_one_cycle_spans_the_fit_it_is_given(tmp_path):
+    """In a fit, OneCycle takes the run's optimiser steps as its length: the rates torch's OneCycleLR gives a
+    9-step run, ending at max_lr / (div_factor * final_div_factor)."""
+    import csv
+    from functools import partial
+
+    from distill.methods import Supervised
+    from distill.optim import OneCycle
+
+    model = Supervised(student="mlp_30_30", num_classes=10, in_channels=3, image_size=16,
+                       optimizer=partial(torch.optim.SGD, lr=0.4, momentum=0.9),
+                       lr_scheduler=partial(OneCycle, pct_start=0.5))
+    trainer = tiny_trainer(tmp_path, max_epochs=3, log_every_n_steps=1)  # 3 batches an epoch: 9 steps
+    trainer.fit(model, datamodule=fake_datamodule())
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("lr_step")]
+    rates = [float(row["lr_step"]) for row in sorted(rows, key=lambda row: int(row["step"]))]
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.4, total_steps=9, pct_start=0.5)
+    expected = []
+    for _ in range(9):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step(), schedule.step()
+    assert rates == pytest.approx(expected, rel=1e-6)  # logged as float32
+    assert rates[-1] == pytest.approx(0.4 / 25 / 1e4, rel=1e-6)  # the last step's rate
+
+
 def test_cosine_annealing_takes_its_length_from_the_run_or_the_stage(tmp_path, teacher_file):
     """distill.optim.CosineAnnealing: torch's cosine with T_max = the run's epochs (staged: the stage's), so a
     shortened run still ends decayed; with T_max given it is CosineAnnealingLR exactly."""
