@@ -205,7 +205,7 @@ class EvalTeacherCache(Callback):
                                                             self._teacher_keys[id(teacher)], cache_dir=self.cache_dir)
         if status != "loaded" and trainer.is_global_zero:
             print(f"EvalTeacherCache: {stage} teacher outputs {path} {status} ({len(logits)} images)")
-        cache[stage] = logits
+        cache[stage] = logits.to(module.device)  # looked up by the batches' indices where they are
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fill(trainer, pl_module, "val")

@@ -299,6 +299,18 @@ def test_a_nonfinite_loss_is_read_within_a_few_steps_and_named_by_its_own_step(t
     assert 2 < len(steps) <= READ_EVERY < 20, steps
 
 
+def test_a_nonfinite_part_that_is_only_logged_does_not_stop_the_run(tmp_path):
+    """The total loss decides (as for skipping): a NaN in a part that is only logged trains on."""
+    class LoggedNaN(Supervised):
+        def training_losses(self, batch):
+            logits, losses = super().training_losses(batch)
+            return logits, {**losses, "probe": torch.tensor(float("nan"))}
+
+    model = LoggedNaN(student="mlp_30_30", num_classes=10, in_channels=3, image_size=16)
+    tiny_trainer(tmp_path, max_epochs=2).fit(model, datamodule=fake_datamodule())
+    assert model.global_step == 6 and all(torch.isfinite(v).all() for v in model.student.state_dict().values())
+
+
 def test_no_checkpoint_is_written_from_weights_a_nonfinite_step_touched(tmp_path):
     """A checkpoint every step: the save after the NaN step reads the pending losses first and stops the run, so
     the newest checkpoint holds the weights from before it, all finite."""

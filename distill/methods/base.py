@@ -231,7 +231,7 @@ class DistillModule(L.LightningModule):
         reference = None
         if self.active_teacher() is not None:
             cached = self.eval_teacher_logits.get(stage)
-            reference = cached[indices.cpu()].to(logits.device) if cached is not None else self.teacher_logits(images)
+            reference = cached[indices.to(cached.device)] if cached is not None else self.teacher_logits(images)
         self.metrics.update(stage, logits, labels, reference, self.log, self.log_prefix)
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:

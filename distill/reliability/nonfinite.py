@@ -74,19 +74,22 @@ class StepLosses:
 
         Returns the latest step's loss parts as CPU tensors (for the loggers and the progress bar: Lightning
         then converts host tensors, which costs no synchronisation). Raises :class:`NonFiniteLossError` naming
-        the first step with a non-finite part, on every process when any process has one (under DDP they must
-        stop together; every process calls this at the same steps and hooks).
+        the first step whose total loss is not finite and its non-finite parts, on every process when any
+        process has one (under DDP they must stop together; every process calls this at the same steps and
+        hooks).
         """
         places, values = self._places, self._values
         self._places, self._values = [], []
         host = torch.cat(values).cpu() if values else torch.zeros(0)
-        finite = bool(torch.isfinite(host).all())
+        per_step = list(host.split([len(place.names) for place in places])) if places else []
+        # the total decides, as it does for skipping (a part that is only logged may be NaN without harm)
+        totals = [float(step[place.names.index("loss")]) for place, step in zip(places, per_step)]
+        finite = all(math.isfinite(total) for total in totals)
         if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        per_step = list(host.split([len(place.names) for place in places])) if places else []
         if not finite:
-            bad = next(((place, step) for place, step in zip(places, per_step) if not torch.isfinite(step).all()),
-                       None)
+            bad = next(((place, step) for place, step, total in zip(places, per_step, totals)
+                        if not math.isfinite(total)), None)
             if bad is None:  # only another process saw it
                 raise nonfinite_loss_error({}, trainer, "", *_latest(places, trainer))
             place, step = bad
