@@ -94,7 +94,8 @@ def test_killtest_settings_add_images_workers_dropout_caches_and_ddp(tmp_path):
         "cache_teacher_outputs"] is True
     assert killtest.method_config("PatientConsistentKD", tmp_path, 8, setting="cache")["model"]["init_args"][
         "teaching"] == "fixed"
-    assert [m for m in killtest.METHODS if killtest.applies(m, "cache")] == ["BaselineKD", "PatientConsistentKD"]
+    assert [m for m in killtest.METHODS if killtest.applies(m, "cache")] == [
+        "BaselineKD", "TeacherAssistantKD", "PatientConsistentKD"]
     assert killtest.method_config("Supervised", tmp_path, 8, setting="ddp")["trainer"]["devices"] == 2
 
 
@@ -472,11 +473,17 @@ def test_resume_with_random_augmentation_and_dropout_is_exact(stop, workers, tmp
     assert resumed["test"] == whole["test"]
 
 
-@pytest.mark.parametrize("method", ["TeacherAssistantKD", "ResidualKD", "PatientConsistentKD"])
+@pytest.mark.parametrize("method", ["TeacherAssistantKD", "TeacherAssistantKD+cache", "ResidualKD",
+                                    "PatientConsistentKD"])
 def test_every_method_resumes_exactly_in_process(method, tmp_path):
     """Stopped after 3 of 4 epochs (the staged methods in their second stage) and resumed: the same
-    weights and test metrics as the uninterrupted run (PatientConsistentKD redraws the same crops and mixup)."""
-    config = tiny_config(tmp_path, method=method, epochs=4)  # 128 images, batch 16: 8 steps an epoch
+    weights and test metrics as the uninterrupted run (PatientConsistentKD redraws the same crops and mixup;
+    TeacherAssistantKD+cache finds its trained assistant's cached outputs again)."""
+    config = tiny_config(tmp_path, method=method.removesuffix("+cache"), epochs=4)  # 128 images, batch 16: 8 steps an epoch
+    if method.endswith("+cache"):
+        spec = yaml.safe_load(config.read_text())
+        spec["model"]["init_args"]["cache_teacher_outputs"] = True
+        config.write_text(yaml.safe_dump(spec))
     whole = fit("--config", str(config), "--run_name=whole").results
     # stopped by a callback, not by max_epochs/max_steps, which would change the learning-rate schedules
     stop = '--trainer.callbacks=[{class_path: conftest.StopAfter, init_args: {epochs: 3}}]'

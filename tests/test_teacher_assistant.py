@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, StopAfter, fake_datamodule, tiny_trainer, write_teacher
+from conftest import REPO, StopAfter, fake_datamodule, in_training_losses, tiny_trainer, write_teacher
 from distill.errors import ConfigError
 from distill.methods import TeacherAssistantKD
 from distill.run import finish_fit
@@ -177,3 +177,29 @@ def test_report_follows_the_whole_path(tmp_path, mlp_teacher):
     run = load_runs(tmp_path / "run")[0]
     assert [epoch for epoch, _ in read_metric(run, "val/acc")] == [1, 2, 3]  # ta1 for 2 epochs, then student
     assert "TeacherAssistantKD" in summary_table([run])
+
+
+def test_cached_stage_teachers_train_the_same_path_without_running_a_teacher(tmp_path, mlp_teacher):
+    """cache_teacher_outputs on device-resident data with the cifar augmentation (8 px: 18 views): each stage's
+    teacher (the teacher, then the trained TA) has every view of every image computed once at the stage's start,
+    no teacher runs in a training step, and the TA and the student come out as with the online teachers."""
+    def fit(cache: bool, root: str):
+        L.seed_everything(0)
+        model = path_module(mlp_teacher, stage_epochs=(2, 2), cache_teacher_outputs=cache)
+        stepping, forwards = in_training_losses(model), []
+        for network in (model.teacher, model.assistants[0]):  # counted while it teaches in a training step
+            network.register_forward_hook(
+                lambda module, *_: forwards.append(module) if stepping[0] and module is model.active_teacher() else None)
+        trainer = tiny_trainer(tmp_path / root, max_epochs=4)
+        trainer.fit(model, datamodule=fake_datamodule(**FAKE, augment="cifar", device_resident=True))
+        return model, forwards
+
+    cached, cached_forwards = fit(True, "cached")
+    online, online_forwards = fit(False, "online")
+    assert cached_forwards == [] and len(online_forwards) > 0
+    assert cached.cached_logits.shape == (128, 18, 10)  # the student stage's teacher: the TA
+    assert len(list((tmp_path / "teacher_cache").glob("*.safetensors"))) == 2  # the teacher's and the TA's
+    for network in ("assistants", "student"):
+        for (name, a), b in zip(getattr(cached, network).state_dict().items(),
+                                getattr(online, network).state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{network}.{name}")

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from distill import teacher_cache
-from distill.data.resident import RESIDENT_PRESETS, BatchAugment, DeviceResidentLoader
 from distill.errors import ConfigError
 from distill.losses import check_label_smoothing, hinton_kd_objective, validate_kd_hparams
+from distill.methods import training_cache
 from distill.methods.base import TrainingBatch
 from distill.methods.teacher_student import TeacherStudentModule
 
-#: Augmentations with a finite set of views per image, whose teacher outputs can all be cached (resident data).
-VIEW_PRESETS = tuple(preset for preset in RESIDENT_PRESETS if preset != "none")
-#: Pixels per batch of the every-view cache's teacher passes (a one-off, launch-bound at training batch sizes).
-VIEW_CACHE_PIXELS = 1024 * 32 * 32
 
-
-class BaselineKD(TeacherStudentModule):
+class BaselineKD(training_cache.CachesTeacherOutputs, TeacherStudentModule):
     """Soft-target distillation: ``L = (1−α)·CE(y, z_s) + α·τ²·KL(p_t^τ ‖ p_s^τ)``, batch mean.
 
     The hard-label term uses the student's logits at τ=1; the soft term is multiplied by τ² so its
@@ -84,67 +76,17 @@ class BaselineKD(TeacherStudentModule):
         #: of running the teacher (filled in on_fit_start with ``cache_teacher_outputs``).
         self.cached_logits: Tensor | None = None
 
-    def check_training_data(self, augment: str, device_resident: bool = False) -> None:
-        if self.hparams.cache_teacher_outputs and augment != "none" and not (
-                device_resident and augment in VIEW_PRESETS):
-            raise ConfigError(
-                f"cache_teacher_outputs stores the teacher's outputs per training image, but data.augment is "
-                f"{augment!r} on the DataLoader path, so the teacher's input changes every epoch; cache every view "
-                f"with data.device_resident: true (augment {' or '.join(VIEW_PRESETS)}), or set data.augment: none, "
-                "or cache_teacher_outputs: false."
-            )
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.hparams.cache_teacher_outputs and self.training_augment() != "none":
-            self.trainer.datamodule.training_views = True  # batches carry each image's view number
-
     def on_fit_start(self) -> None:
-        if not self.hparams.cache_teacher_outputs:
-            return
-        data = self.trainer.datamodule
-        view: dict[str, Any] = {"view": "training split as loaded (augment none)"}
-        build = None
-        if self.training_augment() != "none":  # every view of every image, one row of views × classes per image
-            # views × images teacher passes: in large batches (1,024 images of 32 × 32 px, fewer of larger ones)
-            size = data.image_size
-            batch = max(data.eval_batch_size, VIEW_CACHE_PIXELS // (size * size))
-            loader = data.resident_loader("train", batch, shuffle=False, device=self.device)
-            augment = BatchAugment(data.augment, loader.images.shape[-1])
-            view = {"view": f"every view of augment {augment.preset} (pad {augment.padding}, crop, "
-                            f"{'flip' if augment.flip else 'no flip'})", "views": augment.views}
-            build = partial(self._every_view, loader, augment)
-        if str(self.trainer.precision) not in ("32-true", "32"):
-            view["precision"] = str(self.trainer.precision)  # computed as the training step computes them
-        logits, status, path = teacher_cache.load_for_training_split(
-            self, view, self._teacher_logits_as_trained, loader_view="train", path=self.hparams.teacher_cache,
-            cache_dir=self.hparams.teacher_cache_dir, build=build)
-        if build is not None:
-            logits = logits.view(len(logits), view["views"], -1)
-        self.cached_logits = logits.to(self.device)
-        if self.trainer.is_global_zero:
-            views = f" × {view['views']} views" if build is not None else ""
-            print(f"BaselineKD: teacher cache {path} {status} ({len(logits)} images{views})")
-
-    def _teacher_logits_as_trained(self, images: Tensor) -> Tensor:
-        """The teacher's logits under the training step's precision (its autocast), so cached = online."""
-        with self.trainer.precision_plugin.forward_context():
-            return self.teacher_logits(images)
-
-    def _every_view(self, loader: DeviceResidentLoader, augment: BatchAugment) -> Tensor:
-        views = [teacher_cache.compute(loader.in_view(augment, view), self._teacher_logits_as_trained,
-                                       len(loader.labels), self.device) for view in range(augment.views)]
-        return torch.stack(views, dim=1).flatten(1)  # [images, views × classes]
+        if self.hparams.cache_teacher_outputs:
+            self.cached_logits = training_cache.load_training_outputs(
+                self, "BaselineKD", path=self.hparams.teacher_cache, cache_dir=self.hparams.teacher_cache_dir)
 
     def training_teacher_logits(self, batch: TrainingBatch) -> Tensor:
         """The teacher's logits for this training batch: looked up in the cache when there is one (by index,
         and by view when the loader augments)."""
         if self.cached_logits is None:
             return self.teacher_logits(batch.images)
-        indices = batch.indices.to(self.cached_logits.device)
-        if self.cached_logits.dim() == 3:
-            return self.cached_logits[indices, batch.views.to(self.cached_logits.device)]
-        return self.cached_logits[indices]
+        return training_cache.look_up(self.cached_logits, batch)
 
     def training_losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.student(batch.images)

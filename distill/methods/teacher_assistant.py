@@ -9,12 +9,13 @@ from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.losses import hinton_kd_objective, validate_kd_hparams
+from distill.methods import training_cache
 from distill.methods.base import TrainingBatch
 from distill.methods.staged import StagedModule
 from distill.teachers import NetworkSpec, load_network, save_network
 
 
-class TeacherAssistantKD(StagedModule):
+class TeacherAssistantKD(training_cache.CachesTeacherOutputs, StagedModule):
     """A whole distillation path, teacher → TA₁ → … → TAₖ → student, trained in one run.
 
     Each stage is :class:`~distill.methods.BaselineKD` from the previous network:
@@ -42,6 +43,11 @@ class TeacherAssistantKD(StagedModule):
         temperature, alpha: τ and the soft-term weight for every stage (defaults as BaselineKD; the
             paper tuned λ and τ per experiment and did not publish them).
         stage_temperature, stage_alpha: optional per-stage overrides.
+        cache_teacher_outputs: at the start of each stage, compute the stage's teacher's logits on the training
+            split once (every crop and flip of every image on augmented device-resident data) and look them up in
+            the steps instead of running the teacher: see :mod:`distill.methods.training_cache` and BaselineKD's
+            argument of the same name. An assistant's outputs are keyed by its trained weights. Our addition.
+        teacher_cache_dir: folder of the caches; null = ``<trainer.default_root_dir>/teacher_cache``.
         **kwargs: ``student`` (the final student), the path's first ``teacher`` (:class:`TeacherStudentModule`),
             optimiser and schedule (:class:`DistillModule`).
     """
@@ -59,8 +65,12 @@ class TeacherAssistantKD(StagedModule):
         alpha: float = 0.9,
         stage_temperature: list[float] | None = None,
         stage_alpha: list[float] | None = None,
+        cache_teacher_outputs: bool = False,
+        teacher_cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if teacher_cache_dir and not cache_teacher_outputs:
+            raise ConfigError("teacher_cache_dir is only used with cache_teacher_outputs: true; set it, or remove it.")
         stages = len(assistants) + 1
         checkpoints = list(assistant_checkpoints or [None] * len(assistants))
         per_assistant = {"assistant_checkpoints": checkpoints, "assistant_kwargs": assistant_kwargs or [{}] * len(assistants)}
@@ -99,6 +109,9 @@ class TeacherAssistantKD(StagedModule):
             {"stage": name, "model": spec.model, "epochs": epochs, "supplied": checkpoint}
             for name, spec, epochs, checkpoint in zip(self.stage_names, self.stage_specs, stage_epochs, checkpoints + [None])
         ]
+        #: the stage whose teacher's training logits ``cached_logits`` holds (cache_teacher_outputs)
+        self.cached_logits: Tensor | None = None
+        self._cached_stage: int | None = None
         self.enter_stage(self._stage_for_epoch(0))
 
     # ------------------------------------------------------------------------------ the path
@@ -128,10 +141,32 @@ class TeacherAssistantKD(StagedModule):
         # earlier stages teach, later ones wait: none of them learns
         return [network for position, network in enumerate(self.networks()) if position != self.stage]
 
+    # ------------------------------------------------------------------------------ the teacher cache
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._cache_stage_teacher()
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()  # enters the next stage when one starts
+        self._cache_stage_teacher()
+
+    def _cache_stage_teacher(self) -> None:
+        if self.hparams.cache_teacher_outputs and self._cached_stage != self.stage:
+            self.cached_logits = None  # the previous stage's teacher's, released before the next is built
+            self.cached_logits = training_cache.load_training_outputs(
+                self, f"TeacherAssistantKD {self.stage_names[self.stage]}", cache_dir=self.hparams.teacher_cache_dir)
+            self._cached_stage = self.stage
+
+    def training_teacher_logits(self, batch: TrainingBatch) -> Tensor:
+        """The stage's teacher's logits for this batch: looked up when its outputs are cached, else computed."""
+        if self.cached_logits is not None and self._cached_stage == self.stage:
+            return training_cache.look_up(self.cached_logits, batch)
+        return self.teacher_logits(batch.images)
+
     # ------------------------------------------------------------------------------ training
     def training_losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor]]:
         logits = self.active_network()(batch.images)
-        losses = hinton_kd_objective(logits, self.teacher_logits(batch.images), batch.labels,
+        losses = hinton_kd_objective(logits, self.training_teacher_logits(batch), batch.labels,
                                      temperature=self.stage_temperature[self.stage], alpha=self.stage_alpha[self.stage])
         return logits, losses
 

@@ -53,7 +53,7 @@ SETTINGS = {
     "images": "PNG files of an image folder read by 2 DataLoader workers, random crop + flip (augment: cifar, "
               "except for methods that augment on the device), a student with dropout",
     "cache": "the teacher's outputs computed once into a cache file and looked up (the methods that can: "
-             "BaselineKD's cache_teacher_outputs, PatientConsistentKD's fixed teaching)",
+             "BaselineKD's and TeacherAssistantKD's cache_teacher_outputs, PatientConsistentKD's fixed teaching)",
     "ddp": "two CPU processes (DDP over gloo)",
 }
 #: results.json entries that must not change when a run is interrupted and resumed
