@@ -98,6 +98,25 @@ def test_bad_experiment_files_fail_before_any_run(experiment, change, message):
     assert not Path("runs").exists()
 
 
+def test_overlays_and_the_experiments_own_set_reach_every_run(experiment):
+    """`overlays` are read after each run's config; the experiment's `set` applies to every run and a run's own
+    `set` wins over it."""
+    Path("configs/overlay.yaml").write_text("trainer: {max_epochs: 1}\ndata: {batch_size: 8}\n")
+    spec = yaml.safe_load(experiment.read_text())
+    spec.update(overlays=["configs/overlay.yaml"], set={"data.batch_size": 32, "model.init_args.student_kwargs": {}})
+    spec["runs"][1]["set"]["data.batch_size"] = 4
+    experiment.write_text(yaml.safe_dump(spec))
+    repro.main([str(experiment), "--only", "teacher", "kd_t1"])
+    teacher = repro.finished_runs(Path("runs/repro"), "tiny", "teacher")[0]["config"]
+    kd = repro.finished_runs(Path("runs/repro"), "tiny", "kd_t1")[0]["config"]
+    assert teacher["trainer"]["max_epochs"] == 1 and kd["trainer"]["max_epochs"] == 1  # the overlay's
+    assert data_arguments(teacher)["batch_size"] == 32 and data_arguments(kd)["batch_size"] == 4  # experiment's, run's
+    spec["set"] = {"model.init_args.teacher": "{model:teacher}"}
+    experiment.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="plain values"):
+        repro.load_spec(experiment)
+
+
 def test_bias_choice_fixes_a_suppressed_class():
     torch.manual_seed(0)
     labels = torch.arange(4).repeat(25)
@@ -114,8 +133,8 @@ def test_every_shipped_experiment_file_is_valid(monkeypatch):
     from conftest import REPO
 
     monkeypatch.chdir(REPO)  # experiment files name configs relative to the repository root
-    files = sorted((REPO / "experiments").glob("*.yaml"))
-    assert files
+    files = sorted((REPO / "experiments").rglob("*.yaml"))
+    assert files and any(path.parent.name == "gpu" for path in files)
     for path in files:
         spec = repro.load_spec(path)
         assert spec["name"] == path.stem and spec.get("setup") and spec.get("paper")

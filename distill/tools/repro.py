@@ -31,6 +31,10 @@ Experiment file::
       - {kind: sweep, title: ..., x_label: temperature, runs: [kd_t1, kd_t4], x: [1, 4]}
       - {kind: class_bias, runs: [kd_no3], class_index: 3}
 
+Two optional top-level keys apply to every run: ``overlays``, config files given after each run's own
+(``distill fit --config RUN --config OVERLAY``; ``configs/overlays/gpu.yaml`` for the GPU experiments under
+``experiments/gpu/``), and ``set``, overrides that a run's own ``set`` may override in turn.
+
 ``{model:NAME}`` in a value is the exported network (``model.safetensors``) of the lowest-seed
 finished run ``NAME``, which must come earlier in the list. ``{model:EXPERIMENT/NAME}`` is run ``NAME`` of
 another experiment (under the same runs root), which must have finished first: one teacher can then serve
@@ -79,6 +83,13 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     for key in ("name", "title", "runs"):
         if key not in spec:
             raise ConfigError(f"{path}: the experiment needs `{key}`.")
+    for overlay in spec.get("overlays") or []:
+        if not Path(overlay).is_file():
+            raise ConfigError(f"{path}: overlay {overlay} does not exist (run from the repository root).")
+    shared = spec.get("set") or {}
+    if not isinstance(shared, dict) or any(REFERENCE.search(str(value)) for value in shared.values()):
+        raise ConfigError(f"{path}: the experiment's `set` must map keys to plain values (a {{model:...}} reference "
+                          f"belongs in a run's own `set`), got {shared!r}.")
     names: list[str] = []
     for entry in spec["runs"]:
         unknown = set(entry) - RUN_KEYS
@@ -178,10 +189,14 @@ def _check_other_experiments(spec: Mapping[str, Any], runs_root: Path, only: Seq
 def _fit_args(spec: Mapping[str, Any], entry: Mapping[str, Any], seed: int, models: Mapping[str, str],
               runs_root: Path) -> list[str]:
     """The ``distill fit`` arguments of one (entry, seed), with its ``{model:...}`` references resolved."""
-    args = ["fit", "--config", entry["config"], f"--seed_everything={seed}",
-            f"--run_name={spec['name']}/{entry['name']}", f"--trainer.default_root_dir={runs_root}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-    return args + [_override(key, value, models, runs_root) for key, value in (entry.get("set") or {}).items()]
+    args = ["fit", "--config", entry["config"]]
+    for overlay in spec.get("overlays") or []:
+        args += ["--config", overlay]
+    args += [f"--seed_everything={seed}", f"--run_name={spec['name']}/{entry['name']}",
+             f"--trainer.default_root_dir={runs_root}", "--trainer.enable_progress_bar=false",
+             "--trainer.enable_model_summary=false"]
+    overrides = {**(spec.get("set") or {}), **(entry.get("set") or {})}
+    return args + [_override(key, value, models, runs_root) for key, value in overrides.items()]
 
 
 def run_experiment(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] | None = None,
