@@ -139,6 +139,16 @@ class LoopTimer(L.Callback):
         self._start = self._mark = time.perf_counter()
         self.wall = [time.time(), 0.0]  # the timed stretch on the wall clock, to overlap concurrent runs
 
+    def _stop_counting(self) -> None:
+        if self._caught is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(None, None, None)
+            self._caught = None
+            self.syncs = sum("synchroniz" in str(w.message) for w in self._records)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_counting()  # a row that failed in its timed epoch leaves no warning filter behind
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._timing:
@@ -154,10 +164,7 @@ class LoopTimer(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._timing:
             return
-        if self._caught is not None:
-            torch.cuda.set_sync_debug_mode("default")
-            self._caught.__exit__(None, None, None)
-            self.syncs = sum("synchroniz" in str(w.message) for w in self._records)
+        self._stop_counting()
         self._sync()
         self.seconds = time.perf_counter() - self._start
         self.wall[1] = time.time()
@@ -315,6 +322,9 @@ def tiny_rows(rows: list[Row]) -> list[Row]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    # Every compiled row compiles the same network classes at a few batch shapes; dynamo's default of 8 graphs
+    # per function would let a late row fall back to eager without a word.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if args.worker:  # one row in its own process (the concurrent runs); the record is stdout's last line
         spec = json.loads(args.worker)
         data = suite_data(spec["tiny"], spec["data_dir"], device)
