@@ -100,12 +100,6 @@ class BatchAugment:
         return self.apply(images, self.draw(images.shape[0], generator))
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad every image by ``padding`` and cut it back to its size at its own random offset."""
-    top, left = torch.randint(0, 2 * padding + 1, (2, images.shape[0]), device=images.device, generator=generator)
-    return crop_at(images, padding, top, left)
-
-
 def crop_at(images: torch.Tensor, padding: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
     """Zero-pad every image by ``padding`` and cut it back to its size at offset ``(top[i], left[i])`` of the
     padded image (one gather for the whole batch)."""
@@ -178,12 +172,15 @@ class DeviceResidentLoader:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             images = self.images[index]
-            views = torch.zeros_like(index)
+            views = None
             if generator is not None:
                 views = self.augment.draw(len(index), generator)
                 images = self.augment.apply(images, views)
             batch = (self._normalise(images), self.labels[index], index)
-            yield (*batch, views) if self.with_views else batch
+            if self.with_views:
+                yield (*batch, views if views is not None else torch.zeros_like(index))
+            else:
+                yield batch
 
     def in_view(self, augment: BatchAugment, view: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The whole split in order, every image in view number ``view`` of ``augment``: ``(images, labels,
@@ -194,4 +191,4 @@ class DeviceResidentLoader:
             yield self._normalise(augment.apply(self.images[index], views)), self.labels[index], index
 
 
-__all__ = ["DeviceResidentLoader", "BatchAugment", "materialise", "random_crop", "crop_at", "RESIDENT_PRESETS"]
+__all__ = ["DeviceResidentLoader", "BatchAugment", "materialise", "crop_at", "RESIDENT_PRESETS"]

@@ -62,9 +62,9 @@ class StepLosses:
         return len(self._places)
 
     def record(self, losses: dict[str, Tensor], prefix: str, global_step: int, epoch: int, batch_idx: int) -> None:
-        """Keeps the step's loss parts (one stacked device tensor; no synchronisation)."""
+        """Keeps references to the step's loss parts (no device work, no synchronisation)."""
         self._places.append(StepPlace(global_step, epoch, batch_idx, prefix, tuple(losses)))
-        self._values.append(torch.stack([value.detach().float().mean() for value in losses.values()]))
+        self._values.extend(value.detach() for value in losses.values())
 
     def due(self) -> bool:
         return len(self._places) >= READ_EVERY
@@ -80,7 +80,8 @@ class StepLosses:
         """
         places, values = self._places, self._values
         self._places, self._values = [], []
-        host = torch.cat(values).cpu() if values else torch.zeros(0)
+        scalars = [value.float() if value.dim() == 0 else value.float().mean() for value in values]
+        host = torch.stack(scalars).cpu() if scalars else torch.zeros(0)
         per_step = list(host.split([len(place.names) for place in places])) if places else []
         # the total decides, as it does for skipping (a part that is only logged may be NaN without harm)
         totals = [float(step[place.names.index("loss")]) for place, step in zip(places, per_step)]
