@@ -103,6 +103,48 @@ def test_tiny_study_runs_resumes_and_reports_the_best_trial(kd_flags, capsys):
         run_sweep(4, kd_flags, space=str(other_space))
 
 
+def test_jobs_run_trials_at_once_and_end_at_the_trial_count(kd_flags, capsys):
+    best = run_sweep(3, kd_flags, "--jobs", "2")
+    out = capsys.readouterr().out
+    assert "worker 0: 2 trial(s)" in out and "worker 1: 1 trial(s)" in out
+    study = load_study()
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3  # not one more
+    by_worker: dict[str, list] = {}
+    for trial in study.trials:
+        by_worker.setdefault(trial.user_attrs["worker"], []).append(trial)
+    assert sorted(len(trials) for trials in by_worker.values()) == [1, 2]  # two processes, their shares
+    (alone,), pair = sorted(by_worker.values(), key=len)
+    assert any(alone.datetime_start < other.datetime_complete and other.datetime_start < alone.datetime_complete
+               for other in pair), "the two workers' trials did not run at the same time"
+    # seeded apart: the workers' first trials did not draw the same values
+    assert alone.params != pair[0].params
+    for trial in study.trials:
+        assert Path(trial.user_attrs["run_dir"]) == Path(f"runs/sweeps/{STUDY}/trial_{trial.number}/version_0")
+    assert best["number"] == study.best_trial.number and best["best_val_acc"] == study.best_value
+    for k in (0, 1):
+        assert "[sweep tiny] trial" in Path(f"runs/sweeps/{STUDY}/worker{k}.log").read_text()
+
+
+def test_a_failing_worker_is_named_with_its_log_and_fails_the_command(kd_flags, capsys):
+    broken = [*kd_flags, "--model.init_args.teacher=no/such/teacher.safetensors"]
+    with pytest.raises(SystemExit) as exit_:
+        run_sweep(2, broken, "--jobs", "2")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    for k in (0, 1):
+        log = Path(f"runs/sweeps/{STUDY}/worker{k}.log")
+        assert f"worker {k} exited with code 2, log {log}" in err
+        assert "no/such/teacher.safetensors" in log.read_text()
+
+
+def test_worker_shares_split_the_remaining_trials_evenly():
+    assert sweep.worker_shares(3, 2) == [2, 1]
+    assert sweep.worker_shares(2, 4) == [1, 1]
+    assert sweep.worker_shares(8, 4) == [2, 2, 2, 2]
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        run_sweep(1, [], "--jobs", "0")
+
+
 def test_pruning_callback_stops_the_run_and_reports_each_epoch(monkeypatch):
     class Trial:  # the two calls OptunaPruning makes on an optuna.Trial
         def __init__(self):

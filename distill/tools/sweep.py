@@ -3,6 +3,7 @@
     distill sweep --config configs/mnist5k/kd.yaml --space configs/sweeps/kd_temperature.yaml --trials 20
     distill sweep ... --study kd-tau --storage postgresql://user@db-host/optuna   # many machines, one study
     distill sweep ... --trials 20 -- --trainer.max_epochs 5                      # extra `distill fit` flags
+    distill sweep ... --trials 20 --jobs 4                                        # 4 trials at once, one machine
 
 The search space is a YAML file mapping dotted config keys (anything ``distill fit`` accepts as a
 flag) to a distribution::
@@ -37,6 +38,13 @@ Choices made here, and why:
   by a process that no longer exists, is marked failed and its parameters are queued again. On one machine that is decided
   from the host name and process id recorded in each trial; trials of other machines are failed by
   Optuna's heartbeat once they have been silent for ``--grace-period`` seconds.
+* **Several trials at once on one machine** (``--jobs N``): N worker processes, each a ``distill sweep`` on the
+  same study (the mechanism several machines use), so they share one GPU or the CPU's cores (one torch thread
+  each unless ``OMP_NUM_THREADS`` is set). The remaining trials are split between them, so the study ends with
+  exactly ``--trials`` finished ones; each worker's sampler is seeded ``--seed + k`` so that workers starting
+  together do not draw the same values (a parallel study is therefore not the same study as a serial one with
+  that seed). Their output goes to ``<root>/sweeps/<study>/worker<k>.log``; a worker that fails is named with
+  its log and the command exits non-zero after the others finish.
 * **Pruning** (``--prune``): a median pruner on the validation accuracy reported after each epoch by
   :class:`OptunaPruning`. A pruned trial stops training early but still ends like any run (tested,
   ``results.json`` written), so its directory is complete.
@@ -194,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-period", type=int, default=600,
                         help="seconds without heartbeat after which another machine's RUNNING trial is "
                              "failed and retried (RDB storage heartbeat; default 600)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N trials at once on this machine, each worker a subprocess on the same "
+                             "study with its log in <root>/sweeps/<study>/worker<k>.log (default 1)")
+    # A worker of --jobs runs its share of the remaining trials, no more: the study ends at --trials exactly.
+    parser.add_argument("--worker-trials", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -387,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise ConfigError(f"--trials must be at least 1, got {args.trials}")
     if args.grace_period < 10:
         raise ConfigError(f"--grace-period must be at least 10 seconds, got {args.grace_period}")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give 1 (trials one after another) or more (trials at once)")
 
     config_path = Path(args.config)
     config = _read_config(config_path)
@@ -414,6 +429,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     remaining = args.trials - done
     print(f"[sweep {name}] storage {_redact(storage_url)}; {done} finished trial(s), "
           f"{max(remaining, 0)} to run", flush=True)
+    if args.worker_trials is not None:
+        remaining = min(remaining, args.worker_trials)
+    if remaining > 0 and args.jobs > 1:
+        failures = run_workers(args, name, storage_url, str(root), fit_extra, remaining)
+        best = report_best(study)
+        if failures:
+            print(f"[sweep {name}] " + "; ".join(failures), file=sys.stderr)
+            raise SystemExit(1)
+        return best
     if remaining > 0:
         objective = make_objective(config_path, space, name, str(root), fit_extra, args.prune)
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -431,6 +455,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             report_best(study)
             raise SystemExit(130) from None
     return report_best(study)
+
+
+def worker_shares(remaining: int, jobs: int) -> list[int]:
+    """How many of the remaining trials each worker runs: as even as can be, no worker without one."""
+    workers = min(jobs, remaining)
+    return [remaining // workers + (k < remaining % workers) for k in range(workers)]
+
+
+def run_workers(args: argparse.Namespace, name: str, storage_url: str, root: str, fit_extra: list[str],
+                remaining: int) -> list[str]:
+    """Runs the remaining trials in ``--jobs`` worker subprocesses on the same study; returns their failures."""
+    import signal
+    import subprocess
+
+    from distill.run import child_environment
+
+    log_dir = Path(root) / "sweeps" / name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers: list[tuple[subprocess.Popen, Path]] = []
+    try:
+        for k, share in enumerate(worker_shares(remaining, args.jobs)):
+            command = [sys.executable, "-m", "distill.tools.main", "sweep", "--config", args.config, "--space", args.space,
+                       "--trials", str(args.trials), "--study", name, "--storage", storage_url, "--root", root,
+                       "--direction", args.direction, "--grace-period", str(args.grace_period),
+                       "--worker-trials", str(share)]
+            if args.seed is not None:
+                command += ["--seed", str(args.seed + k)]
+            if args.prune:
+                command.append("--prune")
+            command += ["--", *fit_extra]
+            log = log_dir / f"worker{k}.log"
+            with log.open("w") as handle:  # the child keeps its own copy of the handle
+                workers.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                                 env=child_environment()), log))
+            print(f"[sweep {name}] worker {k}: {share} trial(s), log {log}", flush=True)
+        codes = [process.wait() for process, _ in workers]
+    finally:  # interrupted (Ctrl-C) or failed here: no worker goes on unattended
+        for process, _ in workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)  # a worker interrupted so queues its trial again
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    return [f"worker {k} exited with code {code}, log {log}"
+            for k, (code, (_, log)) in enumerate(zip(codes, workers)) if code != 0]
 
 
 def _redact(url: str) -> str:
