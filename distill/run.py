@@ -198,7 +198,8 @@ def finish_fit(
             end_of_schedule = _end_of_schedule(trainer, model, fit_epochs, end_metrics if separate else test_metrics)
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     # a resumed run: its earlier segments' fit time (up to the checkpoint it resumed from) counts too
-    wall_time = time.time() - started + (throughput.previous_wall_s if throughput else 0.0)
+    finished = time.time()
+    wall_time = finished - started + (throughput.previous_wall_s if throughput else 0.0)
     results: dict[str, Any] = {
         "method": type(model).__name__,
         "student": model.hparams.get("student"),
@@ -211,6 +212,10 @@ def finish_fit(
         "global_steps": trainer.global_step,
         "wall_time_s": round(wall_time, 3),
         "train_images_per_s": round(throughput.images_per_s, 2) if throughput else None,
+        "train_images": throughput.images if throughput else None,
+        # this segment's start and end on the wall clock (Unix seconds): which runs overlapped in time
+        "started_at": round(started, 3),
+        "finished_at": round(finished, 3),
         "seed": seed,
         "resumed_from": resumed_from,
         "best_checkpoint": best_path or None,

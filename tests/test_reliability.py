@@ -24,7 +24,8 @@ from distill.tools import killtest
 from distill.reliability.checkpoints import write_atomic
 from distill.teachers import safe_torch_load
 
-VOLATILE = ("wall_time_s", "train_images_per_s", "run_dir", "model_file", "best_checkpoint", "config", "resumed_from")
+VOLATILE = ("wall_time_s", "train_images_per_s", "started_at", "finished_at", "run_dir", "model_file", "best_checkpoint",
+            "config", "resumed_from")
 
 
 def tiny_config(tmp_path: Path, method: str = "Supervised", epochs: int = 3, **data) -> Path:

@@ -67,6 +67,10 @@ def test_experiment_runs_resumes_and_writes_its_page(experiment, capsys):
     assert "| series | τ | run |" in text and "| all classes | 1 | kd_t1 | 2 |" in text
     assert "| without 0 | 4 | kd_t4_no0 | 1 |" in text and (page.parent / "tiny" / "two_series.png").is_file()
     assert "Incomplete" not in text
+    # one after another: no line about runs at once; each run says when it ran and what it trained on
+    assert "runs at once" not in text
+    assert runs[0]["train_images"] == 2 * 2 * 16  # max_epochs × limit_train_batches × batch_size
+    assert runs[0]["started_at"] < runs[0]["finished_at"] <= runs[1]["started_at"]
     # a second call finds every (config, seed) finished and runs nothing
     capsys.readouterr()
     repro.main([str(experiment)])
@@ -193,6 +197,19 @@ def test_jobs_run_at_once_after_their_teacher_and_match_one_after_another(experi
     assert _printed(lines, "teacher seed 0: finished") < _printed(lines, "kd_t1 seed 0: started")
     assert _printed(lines, "kd_t1 seed 1: started") < _printed(lines, "kd_t1 seed 0: finished")  # both at once
     assert Path("two/tiny/kd_t1/seed1.log").read_text().startswith("distill fit --config configs/kd.yaml")
+    assert "Up to 2 runs at once" in Path("results/tiny.md").read_text()
+
+
+def test_the_page_says_what_runs_at_once_bought():
+    def run(start, end, images=100):
+        return {"started_at": start, "finished_at": end, "train_images": images}
+
+    # 0-10 and 5-15 overlap, 20-30 alone: 25 s elapsed for 30 s of summed wall time, 300 images
+    line = repro.concurrency([run(20, 30), run(0, 10), run(5, 15)])
+    assert line == ("Up to 2 runs at once: 300 training images in 0.4 min of elapsed time, 12 images/s in all, "
+                    "1.20× the 10 images/s of the same runs' summed wall time (3 runs with timestamps).")
+    assert repro.concurrency([run(0, 10), run(10, 20)]) is None  # one after another, touching
+    assert repro.concurrency([run(0, 10), {"wall_time_s": 10.0}]) is None  # runs from before the timestamps
 
 
 def test_a_failed_job_skips_its_dependents_only(experiment, capsys):

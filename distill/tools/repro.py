@@ -407,6 +407,31 @@ def _machine() -> str:
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
+def concurrency(runs: Sequence[Mapping[str, Any]]) -> str | None:
+    """What running several runs at once (``--jobs``) bought: the runs' training images over the elapsed time
+    they covered (the union of their wall-clock spans), against the same images over their summed wall time.
+    None when no two runs overlapped, or the runs predate ``started_at`` in results.json."""
+    spans = sorted((run["started_at"], run["finished_at"], run["train_images"]) for run in runs
+                   if all(run.get(key) is not None for key in ("started_at", "finished_at", "train_images")))
+    events = sorted([(end, -1) for _, end, _ in spans] + [(start, 1) for start, _, _ in spans])  # ends first
+    at_once = most = 0
+    for _, change in events:
+        at_once += change
+        most = max(most, at_once)
+    if most < 2:
+        return None
+    elapsed, covered_to = 0.0, float("-inf")
+    for start, end, _ in spans:
+        if end > covered_to:
+            elapsed += end - max(start, covered_to)
+            covered_to = end
+    summed = sum(end - start for start, end, _ in spans)
+    images = sum(count for _, _, count in spans)
+    return (f"Up to {most} runs at once: {images:,} training images in {elapsed / 60:.1f} min of elapsed time, "
+            f"{images / elapsed:,.0f} images/s in all, {summed / elapsed:.2f}× the {images / summed:,.0f} "
+            f"images/s of the same runs' summed wall time ({len(spans)} runs with timestamps).")
+
+
 def write_page(spec: Mapping[str, Any], runs_root: Path, results_dir: Path, command: str) -> Path:
     """``results/<name>.md`` (and its plots under ``results/<name>/``) from the finished runs."""
     runs = {entry["name"]: [done for _, done in sorted(finished_runs(runs_root, spec["name"], entry["name"]).items())]
@@ -421,6 +446,9 @@ def write_page(spec: Mapping[str, Any], runs_root: Path, results_dir: Path, comm
     wall = sum(run.get("wall_time_s") or 0.0 for run in everything)
     lines = [f"# {spec['title']}", "", f"Produced by `{command}` from {len(everything)} runs under "
              f"`{runs_root / spec['name']}`; total training wall time {wall / 60:.1f} min on {_machine()}.", ""]
+    overlap = concurrency(everything)
+    if overlap:
+        lines += [overlap, ""]
     if missing:
         lines += [f"**Incomplete**: not yet run: {', '.join(missing)}.", ""]
     if spec.get("setup"):
