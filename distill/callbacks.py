@@ -132,7 +132,8 @@ class SpeedOptions(Callback):
     """
 
     def __init__(self, channels_last: bool = False, compile: bool | str = False) -> None:
-        resolve_compile(compile)  # a wrong mode fails when the config is read, not in setup
+        # a wrong mode fails when the config is read, not in setup
+        self._cuda_graphs = resolve_compile(compile) in CUDA_GRAPH_MODES
         self.channels_last = channels_last
         self.compile = compile
         self._applied: set[int] = set()
@@ -146,7 +147,7 @@ class SpeedOptions(Callback):
         # A CUDA-graph replay overwrites the previous replay's outputs; marking each step's start tells torch
         # that nothing of the previous step's network outputs is read any more (the steps keep only tensors
         # computed from them), rather than leaving it to guess where an iteration starts.
-        if resolve_compile(self.compile) in CUDA_GRAPH_MODES:
+        if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
