@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ def experiment(tmp_path) -> Path:
             {"kind": "sweep", "title": "two series", "x_label": "τ", "runs": ["kd_t1", "kd_t4_no0"], "x": [1, 4],
              "series": {"all classes": ["kd_t1"], "without 0": ["kd_t4_no0"]}},
         ],
+        "claims": [{"claim": "a lower temperature helps", "paper": "1 → 2", "paper_gap": 1.0,
+                    "baseline": "kd_t4_no0", "method": "kd_t1"}],
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -67,6 +70,8 @@ def test_experiment_runs_resumes_and_writes_its_page(experiment, capsys):
     assert "| series | τ | run |" in text and "| all classes | 1 | kd_t1 | 2 |" in text
     assert "| without 0 | 4 | kd_t4_no0 | 1 |" in text and (page.parent / "tiny" / "two_series.png").is_file()
     assert "Incomplete" not in text
+    t1 = [100 * run["test_acc"] for run in runs.values()]
+    assert "## Claims" in text and f"kd_t1: {statistics.fmean(t1):.2f} ± {statistics.stdev(t1):.2f} (n 2)" in text
     # one after another: no line about runs at once; each run says when it ran and what it trained on
     assert "runs at once" not in text
     assert runs[0]["train_images"] == 2 * 2 * 16  # max_epochs × limit_train_batches × batch_size
@@ -92,6 +97,7 @@ def test_report_only_marks_missing_runs(experiment):
     (lambda s: s["analyses"][1].update(kind="magic"), "analysis kind"),
     (lambda s: s["analyses"][2]["series"].update(extra=["teacher"]), "series runs teacher"),
     (lambda s: s["runs"][0].update(sed=[1]), "unknown: sed"),
+    (lambda s: s["claims"][0].update(method="kd_t9"), "no run is named 'kd_t9'"),
 ])
 def test_bad_experiment_files_fail_before_any_run(experiment, change, message):
     spec = yaml.safe_load(experiment.read_text())

@@ -58,6 +58,7 @@ from typing import Any
 import yaml
 
 from distill.errors import ConfigError
+from distill.tools.claims import check_claims, claims_section
 from distill.tools.report import (
     format_stat,
     load_runs,
@@ -108,6 +109,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
                                   f"is named {reference!r}.")
         entry.setdefault("seeds", [0])
         names.append(entry["name"])
+    check_claims(path, spec.get("claims"), names)
     for analysis in spec.get("analyses") or []:
         if analysis.get("kind") not in ANALYSIS_KINDS:
             raise ConfigError(f"{path}: analysis kind {analysis.get('kind')!r} is not one of {', '.join(ANALYSIS_KINDS)}.")
@@ -455,6 +457,8 @@ def write_page(spec: Mapping[str, Any], runs_root: Path, results_dir: Path, comm
         lines += ["## Setup", "", str(spec["setup"]).strip(), ""]
     if spec.get("paper"):
         lines += ["## What the paper reports", "", str(spec["paper"]).strip(), ""]
+    if spec.get("claims"):
+        lines += claims_section(spec["claims"], runs)
     lines += ["## Runs", "", "Accuracies in percent, mean ± sample std over the n seeds; model selection on the "
               "validation split, test accuracy of the best-validation checkpoint, measured once.", "",
               summary_table(everything), ""]
