@@ -52,7 +52,7 @@ def test_section_computes_rows_from_runs_and_stages_and_keeps_hand_rows():
     spec = [
         {"claim": "KD beats scratch", "paper": "70.16 → 72.57", "paper_gap": 2.41, "baseline": "scratch",
          "method": "kd", "note": "tau untuned"},
-        {"claim": "S+A beats S", "paper": "not given", "paper_gap": 1.0, "baseline": "m1@student",
+        {"claim": "S+A beats S", "paper": "not given", "paper_gap": "+", "baseline": "m1@student",
          "method": "m1@student_assistant"},
         {"claim": "CNN-4 is the best TA", "paper": "73.51 / 73.15", "ours": "64.0 / 63.6", "verdict": "same order"},
         {"claim": "KD above M.1 above scratch", "paper": "a > b > c", "order": ["kd", "m1", "scratch"]},
@@ -65,18 +65,23 @@ def test_section_computes_rows_from_runs_and_stages_and_keeps_hand_rows():
                         f"+2.41 / +4.00 (2 SE {2 * math.sqrt(2 / 3):.2f}) | **reproduced**: tau untuned |")
     # the stage rows: S 50, 52 -> S+A 55, 56, paired by nothing but the seeds' spread
     assert "m1@student: 51.00 ± 1.41 (n 2) → m1@student_assistant: 55.50 ± 0.71 (n 2)" in table[3]
-    assert table[3].endswith("**reproduced** |")
+    assert table[3].endswith(f"| + / +4.50 (2 SE {2 * math.sqrt(2 / 2 + 0.5 / 2):.2f}) | **reproduced** |")
     assert table[4] == "| CNN-4 is the best TA | 73.51 / 73.15 | 64.0 / 63.6 | – | same order |"
     assert table[5] == ("| KD above M.1 above scratch | a > b > c | kd: 65.00 ± 1.00 (n 3) > m1: 55.50 ± 0.71 (n 2) > "
                         "scratch: 61.00 ± 1.00 (n 3) | – | **not reproduced** |")
     assert table[6].endswith("| +1.00 / – | not run yet |")
     assert lines[4] == claims.RULE
+    worse = claims_section([{"claim": "KD hurts", "paper": "lower", "paper_gap": "-", "baseline": "scratch",
+                             "method": "kd"}], runs)[2].splitlines()[2]
+    assert worse.endswith("| - / +4.00 (2 SE 1.63) | **not reproduced, the opposite holds** |")
 
 
 BAD = {
     "unknown run": ({"claim": "c", "paper": "p", "paper_gap": 1, "baseline": "a", "method": "nope"}, "no run is named 'nope'"),
     "unknown stage entry": ({"claim": "c", "paper": "p", "paper_gap": 1, "baseline": "x@student", "method": "a"},
                             "no run is named 'x'"),
+    "a word for a gap": ({"claim": "c", "paper": "p", "paper_gap": "up", "baseline": "a", "method": "a"},
+                         "numeric `paper_gap`"),
     "no paper gap": ({"claim": "c", "paper": "p", "baseline": "a", "method": "a"}, "numeric `paper_gap`"),
     "hand verdict on a comparison": ({"claim": "c", "paper": "p", "paper_gap": 1, "baseline": "a", "method": "a",
                                       "verdict": "yes"}, "come from the runs"),

@@ -6,7 +6,7 @@ An experiment file lists its claims (``experiments/*.yaml``)::
     claims:
       - claim: KD beats training the student alone
         paper: "70.16 → 72.57"
-        paper_gap: 2.41               # the paper's method − baseline, in points of test accuracy
+        paper_gap: 2.41               # the paper's method − baseline in points ("+" or "-": a direction without a number)
         baseline: nokd_cnn2           # a run entry, or entry@stage for one stage of a staged run
         method: kd_cnn10_cnn2
       - claim: TA = CNN-4 is the best TA size
@@ -67,9 +67,11 @@ def check_claims(path: Any, claims: Any, names: Sequence[str]) -> None:
                     raise ConfigError(f"{path}: claim {label!r} orders {name!r}, but no run is named "
                                       f"{str(name).split('@', 1)[0]!r}.")
         elif compared:
-            if not ("baseline" in claim and "method" in claim and isinstance(claim.get("paper_gap"), (int, float))):
+            gap = claim.get("paper_gap")
+            if not ("baseline" in claim and "method" in claim and (isinstance(gap, (int, float)) or gap in ("+", "-"))):
                 raise ConfigError(f"{path}: claim {label!r} compares runs, so it needs `baseline`, `method` and a "
-                                  "numeric `paper_gap` (the paper's method − baseline, in points).")
+                                  "numeric `paper_gap` (the paper's method − baseline, in points; \"+\" or \"-\" "
+                                  "where the paper gives a direction without a number).")
             if "ours" in claim or "verdict" in claim:
                 raise ConfigError(f"{path}: claim {label!r} compares runs: its `ours` and `verdict` come from the "
                                   "runs (give a `note` for a remark).")
@@ -139,11 +141,13 @@ def claims_section(claims: Sequence[Mapping[str, Any]], runs: Mapping[str, Seque
         if "baseline" in claim:
             base, meth = (accuracies_of(runs, str(claim[side])) for side in ("baseline", "method"))
             ours = f"{claim['baseline']}: {_stat(base)} → {claim['method']}: {_stat(meth)}"
+            paper_gap = claim["paper_gap"]
+            paper_text = paper_gap if isinstance(paper_gap, str) else f"{paper_gap:+.2f}"
             if base and meth:
-                gap, se, said = verdict(base, meth, float(claim["paper_gap"]))
-                gaps = f"{claim['paper_gap']:+.2f} / {gap:+.2f}" + (f" (2 SE {2 * se:.2f})" if se is not None else "")
+                gap, se, said = verdict(base, meth, -1.0 if paper_gap == "-" else 1.0 if paper_gap == "+" else paper_gap)
+                gaps = f"{paper_text} / {gap:+.2f}" + (f" (2 SE {2 * se:.2f})" if se is not None else "")
             else:
-                gaps, said = f"{claim['paper_gap']:+.2f} / –", "not run yet"
+                gaps, said = f"{paper_text} / –", "not run yet"
         elif "order" in claim:
             rows_of = [accuracies_of(runs, str(name)) for name in claim["order"]]
             ours = " > ".join(f"{name}: {_stat(values)}" for name, values in zip(claim["order"], rows_of))
