@@ -168,9 +168,9 @@ def test_a_run_of_another_experiment_teaches(experiment, tmp_path):
 
 
 def _small_experiment(experiment: Path, runs: list[dict]) -> Path:
-    """The fixture's experiment with other runs and no analyses: a few subprocesses keep the tests short."""
+    """The fixture's experiment with other runs and no analyses or claims: a few subprocesses keep the tests short."""
     spec = yaml.safe_load(experiment.read_text())
-    spec.update(runs=runs, analyses=[])
+    spec.update(runs=runs, analyses=[], claims=[])
     experiment.write_text(yaml.safe_dump(spec))
     return experiment
 
