@@ -37,9 +37,9 @@ RULE = ("Verdicts of the comparisons, from the runs: d = mean(method) − mean(b
         "standard error over seeds, √(s₁²/n₁ + s₂²/n₂); **reproduced**: d has the paper's sign and "
         "|d| > 2 SE; **same direction, within noise**: the paper's sign, |d| ≤ 2 SE; **not reproduced, within "
         "noise**: the other sign, |d| ≤ 2 SE; **not reproduced, the opposite holds**: the other sign, |d| > 2 SE. "
-        "With one seed on both sides there is no SE and the verdict says so. An order (the paper's ranking, best "
-        "first) is **reproduced** when every neighbour pair is reproduced in that sense, **same order, within noise** "
-        "when every pair has the right sign, else **not reproduced**.")
+        "A row of one seed adds nothing to SE; with one seed on both sides there is no SE and the verdict says so. "
+        "An order (the paper's ranking, best first) is **reproduced** when every neighbour pair is reproduced in that "
+        "sense, **same order, within noise** when every pair has the right sign, else **not reproduced**.")
 
 
 def check_claims(path: Any, claims: Any, names: Sequence[str]) -> None:
@@ -68,9 +68,10 @@ def check_claims(path: Any, claims: Any, names: Sequence[str]) -> None:
                                       f"{str(name).split('@', 1)[0]!r}.")
         elif compared:
             gap = claim.get("paper_gap")
-            if not ("baseline" in claim and "method" in claim and (isinstance(gap, (int, float)) or gap in ("+", "-"))):
+            gap_ok = isinstance(gap, (int, float)) and gap != 0 or gap in ("+", "-")
+            if not ("baseline" in claim and "method" in claim and gap_ok):
                 raise ConfigError(f"{path}: claim {label!r} compares runs, so it needs `baseline`, `method` and a "
-                                  "numeric `paper_gap` (the paper's method − baseline, in points; \"+\" or \"-\" "
+                                  "non-zero `paper_gap` (the paper's method − baseline, in points; \"+\" or \"-\" "
                                   "where the paper gives a direction without a number).")
             if "ours" in claim or "verdict" in claim:
                 raise ConfigError(f"{path}: claim {label!r} compares runs: its `ours` and `verdict` come from the "
