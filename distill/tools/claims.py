@@ -63,9 +63,9 @@ def check_claims(path: Any, claims: Any, names: Sequence[str]) -> None:
                 raise ConfigError(f"{path}: claim {label!r} gives an `order`: a list of two or more runs, best first, "
                                   "and no `baseline`/`method`/`ours`/`verdict`.")
             for name in order:
-                if str(name).split("@", 1)[0] not in names:
+                if _entry(name) not in names:
                     raise ConfigError(f"{path}: claim {label!r} orders {name!r}, but no run is named "
-                                      f"{str(name).split('@', 1)[0]!r}.")
+                                      f"{_entry(name)!r}.")
         elif compared:
             gap = claim.get("paper_gap")
             gap_ok = isinstance(gap, (int, float)) and gap != 0 or gap in ("+", "-")
@@ -77,13 +77,17 @@ def check_claims(path: Any, claims: Any, names: Sequence[str]) -> None:
                 raise ConfigError(f"{path}: claim {label!r} compares runs: its `ours` and `verdict` come from the "
                                   "runs (give a `note` for a remark).")
             for side in ("baseline", "method"):
-                entry = str(claim[side]).split("@", 1)[0]
-                if entry not in names:
+                if _entry(claim[side]) not in names:
                     raise ConfigError(f"{path}: claim {label!r} names {side} {claim[side]!r}, but no run is named "
-                                      f"{entry!r}.")
+                                      f"{_entry(claim[side])!r}.")
         elif not ("ours" in claim and "verdict" in claim):
             raise ConfigError(f"{path}: claim {label!r} needs either `baseline`/`method`/`paper_gap` (computed) or "
                               "`ours` and `verdict` (written from the page's tables).")
+
+
+def _entry(name: Any) -> str:
+    """The run entry a claim's ``entry`` or ``entry@stage`` refers to."""
+    return str(name).partition("@")[0]
 
 
 def accuracies_of(runs: Mapping[str, Sequence[Mapping[str, Any]]], name: str) -> list[float]:
@@ -99,8 +103,9 @@ def accuracies_of(runs: Mapping[str, Sequence[Mapping[str, Any]]], name: str) ->
     return values
 
 
-def verdict(baseline: Sequence[float], method: Sequence[float], paper_gap: float) -> tuple[float, float | None, str]:
-    """The gap d (method − baseline), its standard error over seeds (None with one seed a side) and the verdict."""
+def _outcome(baseline: Sequence[float], method: Sequence[float],
+             paper_gap: float) -> tuple[float, float | None, bool, bool]:
+    """The gap d, its SE (None with one seed a side), whether d has the paper's sign, whether |d| > 2 SE."""
     base, meth = mean_std(baseline), mean_std(method)
     if base is None or meth is None:
         raise ValueError("a verdict needs finished runs on both sides")
@@ -108,9 +113,14 @@ def verdict(baseline: Sequence[float], method: Sequence[float], paper_gap: float
     variances = [std ** 2 / n for _, std, n in (base, meth) if std is not None]
     se = math.sqrt(sum(variances)) if variances else None
     agrees = (gap > 0) == (paper_gap > 0) and gap != 0
+    return gap, se, agrees, se is not None and abs(gap) > 2 * se
+
+
+def verdict(baseline: Sequence[float], method: Sequence[float], paper_gap: float) -> tuple[float, float | None, str]:
+    """The gap d (method − baseline), its standard error over seeds (None with one seed a side) and the verdict."""
+    gap, se, agrees, beyond = _outcome(baseline, method, paper_gap)
     if se is None:
         return gap, None, ("same direction" if agrees else "not reproduced") + " (one seed each: no noise estimate)"
-    beyond = abs(gap) > 2 * se
     if agrees:
         return gap, se, "**reproduced**" if beyond else "**same direction, within noise**"
     return gap, se, "**not reproduced, the opposite holds**" if beyond else "**not reproduced, within noise**"
@@ -119,10 +129,10 @@ def verdict(baseline: Sequence[float], method: Sequence[float], paper_gap: float
 def order_verdict(rows: Sequence[Sequence[float]]) -> str:
     """Whether rows listed best first keep that order: every neighbour pair beyond noise, in sign only, or not."""
     # each row should beat the next: the next is the baseline, this one the method, the paper's gap positive
-    pairs = [verdict(lower, higher, 1.0)[2] for higher, lower in zip(rows, rows[1:])]
-    if all(said == "**reproduced**" for said in pairs):
+    pairs = [_outcome(lower, higher, 1.0) for higher, lower in zip(rows, rows[1:])]
+    if all(agrees and beyond for _, _, agrees, beyond in pairs):
         return "**reproduced**"
-    if all(said.startswith(("**reproduced", "**same direction", "same direction")) for said in pairs):
+    if all(agrees for _, _, agrees, _ in pairs):
         return "**same order, within noise**"
     return "**not reproduced**"
 
