@@ -186,7 +186,10 @@ def _printed(lines: list[str], event: str) -> int:
 
 
 def test_jobs_run_at_once_after_their_teacher_and_match_one_after_another(experiment, capsys):
-    path = _small_experiment(experiment, [TEACHER, STUDENT])
+    # fits of about 4 s each, far longer than the gap between the two processes' start-ups: the fit spans overlap,
+    # so the page must say what running them at once bought (with 2-epoch fits of ~1 s they need not overlap)
+    long_fits = {**STUDENT, "set": {**STUDENT["set"], "trainer.max_epochs": 100}}
+    path = _small_experiment(experiment, [TEACHER, long_fits])
     repro.main([str(path), "--runs-root", "one"])
     capsys.readouterr()
     repro.main([str(path), "--runs-root", "two", "--jobs", "2"])
