@@ -10,7 +10,8 @@ from distill.cli import main, user_errors_as_exit
 
 #: Subcommands that are not LightningCLI's: ``distill <name> ...`` calls ``<module>.main(argv)``.
 TOOLS = {"report": "distill.tools.report", "sweep": "distill.tools.sweep", "choose-assistant": "distill.tools.choose_assistant",
-         "repro": "distill.tools.repro", "bench": "distill.tools.bench", "bench-gpu": "distill.tools.gpu_suite",
+         "repro": "distill.tools.repro", "claims-index": "distill.tools.claims_index",
+         "bench": "distill.tools.bench", "bench-gpu": "distill.tools.gpu_suite",
          "residual-budget": "distill.tools.residual_budget",
          "robustness": "distill.tools.robustness"}
 

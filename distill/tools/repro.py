@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> Path:
     # the command that makes every run of the page (not --only/--report-only, which redo part of it)
     command = f"distill repro {args.experiment}" + (f" --runs-root {runs_root}" if args.runs_root != "runs/repro" else "")
     page = write_page(spec, runs_root, Path(args.results), command)
-    print(f"[repro] {spec['name']}: {page} ({(time.time() - started) / 60:.1f} min)")
+    print(f"[repro] {spec['name']}: {page} ({(time.time() - started) / 60:.1f} min); "
+          "`distill claims-index` carries its Claims table into the README's summary")
     if failures:  # after the page, which shows what did finish
         raise SystemExit(f"[repro] {len(failures)} failed: " + "; ".join(failures))
     return page
