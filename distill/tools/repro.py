@@ -405,8 +405,11 @@ ANALYSES = {"sweep": _sweep, "class_bias": _class_bias}
 def _machine() -> str:
     import torch
 
+    threads = torch.get_num_threads()
+    # the runs of `--jobs N` are subprocesses with OMP_NUM_THREADS=1 (unless set), not this process's count
     return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+            f"{threads} thread{'s' if threads != 1 else ''} (the page's process; `--jobs` runs default to 1 each), "
+            f"Python {platform.python_version()}")
 
 
 def concurrency(runs: Sequence[Mapping[str, Any]]) -> str | None:
