@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 from distill.errors import ConfigError
+from distill.tools.claims import COLUMNS as PAGE_COLUMNS
+from distill.tools.report import markdown_table
 
 START = "<!-- claims-index: start (written by `distill claims-index` from results/*.md; edit the pages) -->"
 END = "<!-- claims-index: end -->"
 COLUMNS = ["paper", "claim", "paper's number", "ours (test %, mean ± std, n)", "gap, paper / ours", "verdict", "page"]
-PAGE_COLUMNS = 5  # claim | paper | ours | gap | verdict (distill.tools.claims.COLUMNS)
 
 
 def page_claims(page: Path) -> tuple[str, list[list[str]]]:
@@ -32,11 +33,11 @@ def page_claims(page: Path) -> tuple[str, list[list[str]]]:
         return title, rows
     table = [line for line in _section(lines, "## Claims") if line.startswith("|")]
     for line in table[2:]:  # after the header and its separator
-        # the pages escape a "|" inside a cell as "\\|", which the split on " | " leaves whole
+        # markdown_table escapes a "|" inside a cell as "\\|", which the split on " | " leaves whole
         cells = [cell.strip().replace("\\|", "|") for cell in line.strip().strip("|").split(" | ")]
-        if len(cells) != PAGE_COLUMNS:
-            raise ConfigError(f"{page}: a Claims row has {len(cells)} cells instead of {PAGE_COLUMNS} "
-                              f"(claim | paper | ours | gap | verdict): {line!r}. Rewrite the page with "
+        if len(cells) != len(PAGE_COLUMNS):
+            raise ConfigError(f"{page}: a Claims row has {len(cells)} cells instead of {len(PAGE_COLUMNS)} "
+                              f"({' | '.join(PAGE_COLUMNS)}): {line!r}. Rewrite the page with "
                               "`distill repro EXPERIMENT --report-only`.")
         rows.append(cells)
     return title, rows
@@ -60,8 +61,7 @@ def summary(results: Path, link_from: Path) -> str:
     if not rows:
         raise ConfigError(f"no results page under {results} has a Claims table: run `distill repro` on an "
                           "experiment whose file lists `claims` first.")
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # text columns: all left-aligned
-    return "\n".join(lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows])
+    return markdown_table(COLUMNS, rows, all_text=True)
 
 
 def with_summary(readme_text: str, table: str, readme: Path) -> str:

@@ -259,9 +259,10 @@ def _run_names(runs: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     return names
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table; the first three columns and the last (run names) left-aligned, numbers right."""
-    align = ["---" if i < 3 or i == len(columns) - 1 else "---:" for i in range(len(columns))]
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]], all_text: bool = False) -> str:
+    """A Markdown table; the first three columns and the last (run names) left-aligned, numbers right, or every
+    column left-aligned with ``all_text``. A "|" inside a cell is escaped."""
+    align = ["---" if all_text or i < 3 or i == len(columns) - 1 else "---:" for i in range(len(columns))]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
