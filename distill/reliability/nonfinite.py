@@ -13,6 +13,7 @@ synchronisation per step, the price of skipping).
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -83,8 +84,10 @@ class StepLosses:
         scalars = [value.float() if value.dim() == 0 else value.float().mean() for value in values]
         host = torch.stack(scalars).cpu() if scalars else torch.zeros(0)
         per_step = list(host.split([len(place.names) for place in places])) if places else []
-        # the total decides, as it does for skipping (a part that is only logged may be NaN without harm)
-        totals = [float(step[place.names.index("loss")]) for place, step in zip(places, per_step)]
+        # the total decides, as it does for skipping (a part that is only logged may be NaN without harm);
+        # read from one Python list rather than one host tensor op per step
+        flat, starts = host.tolist(), itertools.accumulate((len(place.names) for place in places), initial=0)
+        totals = [flat[start + place.names.index("loss")] for place, start in zip(places, starts)]
         finite = all(math.isfinite(total) for total in totals)
         if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)

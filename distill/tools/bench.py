@@ -81,6 +81,7 @@ from distill.methods.residual_kd import feature_mse
 from distill.run import child_environment
 from distill.callbacks import apply_speed_options
 from distill.teachers import NetworkSpec, save_network
+from distill.tools.device_ops import CountStepOperators, count_per_step
 
 REQUIRED_KEYS = ("method", "teacher", "student", "batch_size", "device", "precision", "images_per_s",
                  "bound_images_per_s", "ratio", "peak_memory_mb")
@@ -558,6 +559,8 @@ class StepSpec:
     compile: bool | str = False
     threads: int | None = None
     floor: bool = True
+    #: also count the operators a step dispatches, over this many steps (0: not; see measure_device_ops)
+    device_ops: int = 0
 
 
 def measure_step(spec: StepSpec) -> dict[str, Any]:
@@ -589,6 +592,8 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
             _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[floor_timer],
                            default_root_dir=scratch).fit(LightningFloor(module, bound.bound, trainer),
                                                          train_dataloaders=loader)
+    peak_mb = peak_memory_mb(device)  # before the operator count builds its own module
+    operators = measure_device_ops(spec) if spec.device_ops else {}
     images = spec.batch_size * spec.steps
     method_ips = images / statistics.median(timer.method_s)
     bound_ips = images / statistics.median(timer.bound_s)
@@ -602,12 +607,44 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
         "student": getattr(pair, entry.student_role), "batch_size": spec.batch_size,
         "device": describe_device(device), "precision": spec.precision, "bound": entry.bound_kind,
         "images_per_s": round(method_ips, 2), "bound_images_per_s": round(bound_ips, 2),
-        "ratio": round(_paired_ratio(timer), 4), **floor, "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "ratio": round(_paired_ratio(timer), 4), **floor, **operators,
+        "peak_memory_mb": round(peak_mb, 1),
         "repeats": spec.repeats, "steps": spec.steps,
         "method_images_per_s_each": [round(images / s, 2) for s in timer.method_s],
         "bound_images_per_s_each": [round(images / s, 2) for s in timer.bound_s],
         "channels_last": spec.channels_last, "compile": spec.compile,
     }
+
+
+def measure_device_ops(spec: StepSpec) -> dict[str, Any]:
+    """Operators dispatched per training step (:mod:`distill.tools.device_ops`), over ``spec.device_ops`` steps
+    after two untimed ones, on a freshly built module, eager (no speed options): the method's step in the
+    Trainer, the :class:`LightningFloor` of its bound, and the bound in plain torch. Returns the record's
+    ``device_ops_per_step``, ``floor_device_ops_per_step``, ``bound_device_ops_per_step`` and
+    ``device_ops_steps``."""
+    device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], ROWS[spec.method]
+    warmup, steps = 2, spec.device_ops
+    L.seed_everything(0, verbose=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        batches = make_batches(pair, spec.batch_size, 4, device)
+        module = entry.build(BenchContext(pair, Path(scratch), batches)).to(device)
+        total = warmup + steps + 1  # the epoch's last step (a loss read) is not counted
+        loader = _Cycle(batches, total)
+        method_count = CountStepOperators(warmup, steps)
+        trainer = _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[method_count],
+                                 default_root_dir=scratch)
+        trainer.fit(module, train_dataloaders=loader)
+        bound = PlainStep(entry.bound(module), device, spec.precision)
+        bound.setup(trainer)  # the method's optimiser and schedules, as in the timed rows
+        floor_count = CountStepOperators(warmup, steps)
+        _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[floor_count],
+                       default_root_dir=scratch).fit(LightningFloor(module, bound.bound, trainer), train_dataloaders=loader)
+        for k in range(warmup):
+            bound(batches[k % len(batches)])
+        bound_per_step, _ = count_per_step(lambda k: bound(batches[k % len(batches)]), steps)
+    return {"device_ops_per_step": round(method_count.per_step(), 2),
+            "floor_device_ops_per_step": round(floor_count.per_step(), 2),
+            "bound_device_ops_per_step": round(bound_per_step, 2), "device_ops_steps": steps}
 
 
 def _paired_ratio(timer: Interleave) -> float:
@@ -777,9 +814,16 @@ def measure_ddp(processes: int, batch_size: int, epochs: int, workdir: Path) -> 
 
 
 # ------------------------------------------------------------------------------------- the command
+def _operators(record: dict[str, Any]) -> str:
+    if record.get("device_ops_per_step") is None:
+        return ""
+    return " / ".join(f"{record[key]:g}" for key in ("device_ops_per_step", "floor_device_ops_per_step",
+                                                     "bound_device_ops_per_step"))
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     header = ["kind", "pair / data", "method", "batch", "precision", "img/s", "bound", "bound img/s", "ratio",
-              "Lightning floor", "peak MB", "data wait"]
+              "Lightning floor", "ops/step (method / floor / bound)", "peak MB", "data wait"]
     rows = []
     for r in records:
         where = r["pair"] if r["kind"] in ("step", "overhead") else f"{r.get('dataset')}: {r['pair']}"
@@ -793,7 +837,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
         rows.append([r["kind"], where, r["method"], str(r["batch_size"]), r["precision"],
                      fmt(r["images_per_s"], ".0f"), r.get("bound") or "", fmt(r["bound_images_per_s"], ".0f"),
                      fmt(r["ratio"], ".3f"),
-                     fmt(r.get("floor_ratio"), ".3f"), fmt(r["peak_memory_mb"], ".0f"), fmt(r.get("data_wait_share"), ".1%")])
+                     fmt(r.get("floor_ratio"), ".3f"), _operators(r), fmt(r["peak_memory_mb"], ".0f"),
+                     fmt(r.get("data_wait_share"), ".1%")])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -835,6 +880,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                         help="per step row, also time a bare LightningModule doing only the bound's work in the "
                              "same kind of Trainer (floor_ratio: what Lightning's own loop leaves of the bound)")
+    parser.add_argument("--device-ops", type=int, default=0, metavar="STEPS",
+                        help="per step row, also count the operators dispatched per step (method, Lightning floor, "
+                             "bound; eager) over STEPS steps: 64 spreads the work done every 16 and 64 steps "
+                             "exactly (distill.tools.device_ops); 0 (default): no count")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="measure each step row in a fresh process, for a per-row peak memory (default: "
                              "on unless --quick; each process spends seconds importing torch and lightning)")
@@ -876,7 +925,7 @@ def run(args: argparse.Namespace, failures: list[str]) -> list[dict[str, Any]]:
         try:
             add(measure(StepSpec(method, pair, batch_size, args.device, args.precision, args.steps, args.warmup,
                                  args.repeats, args.channels_last, args.compile, torch.get_num_threads(),
-                                 args.floor)))
+                                 args.floor, args.device_ops)))
         except Exception as error:  # noqa: BLE001 - any row's failure is reported, the rest still run
             last = (str(error).strip().splitlines() or [type(error).__name__])[-1]
             failures.append(f"{method} on {pair}, batch {batch_size}: {type(error).__name__}: {last}")
