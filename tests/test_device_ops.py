@@ -19,7 +19,7 @@ import torch
 from distill.methods.epoch_means import EpochMeans
 from distill.reliability import nonfinite
 from distill.tools import bench
-from distill.tools.device_ops import CountStepOperators, OperatorCount, count_per_step
+from distill.tools.device_ops import CountStepOperators, OperatorCount, count_per_step, foreach_as_on_cuda
 
 #: What DistillModule.training_step adds to each step of the method's own ``training_losses``, backward and optimiser
 #: step run by the same Trainer: the training accuracy (argmax, eq). Nothing else, except on the few steps that
@@ -58,6 +58,22 @@ def test_backward_and_optimiser_operators_are_counted():
     assert count.counts["mm"] >= 2  # forward, and the weight's gradient in backward
     assert count.counts["add_"] == 2  # the SGD update, once per step
     assert per_step == count.total / 2
+
+
+def test_optimisers_are_counted_with_their_foreach_implementation_as_on_cuda():
+    """On CUDA torch's SGD updates all parameters with a few multi-tensor operators; on a CPU it loops over them.
+    The count takes the CUDA choice where the optimiser leaves it to torch, and keeps an explicit choice."""
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(10)]
+    for p in params:
+        p.grad = torch.ones(3)
+    chosen = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    explicit = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
+    for optimizer in (chosen, explicit):
+        foreach_as_on_cuda(optimizer)
+        optimizer.step()  # makes the momentum buffers
+    assert chosen.param_groups[0]["foreach"] is True and explicit.param_groups[0]["foreach"] is False
+    counts = [count_per_step(lambda k, o=o: o.step(), 2)[0] for o in (chosen, explicit)]
+    assert counts[0] < 10 and counts[1] >= 3 * len(params)  # a few foreach operators, against several per parameter
 
 
 def _count_steps(module: L.LightningModule, loader: bench._Cycle, steps: int, scratch: str

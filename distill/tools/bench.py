@@ -32,6 +32,8 @@
   the medians of each. ``floor_ratio`` is the same ratio for :class:`LightningFloor`, a bare
   LightningModule doing only the bound's work in the same kind of Trainer: what Lightning's own loop
   leaves of the bound, against which ``ratio`` shows what our bookkeeping adds.
+  With ``--device-ops STEPS`` a step row also counts the operators dispatched per step by the method, its floor
+  and its bound (:func:`measure_device_ops`, :mod:`distill.tools.device_ops`): exact, where the timings scatter.
 * ``fit``: the full loop, ``Trainer.fit`` with the real :class:`~distill.data.DistillDataModule`,
   training only, and the share of its time spent waiting for data (:class:`DataWait`).
 * ``ddp``: ``distill fit`` in a subprocess with 1 and 2 CPU processes (``train_images_per_s`` of
