@@ -344,8 +344,12 @@ def _crop_resize_gathered(images: Tensor, rows: Tensor, columns: Tensor, size: i
     device = images.device
     if flips is not None:
         columns = torch.where(flips[:, None], columns.flip(1), columns)
-    top, bottom, row_weight = (t.to(device) for t in _taps(rows, height))
-    left, right, column_weight = (t.to(device) for t in _taps(columns, width))
+    top, bottom, row_weight = _taps(rows, height)
+    left, right, column_weight = _taps(columns, width)
+    # the plan goes to the device in two copies that do not wait for it: a blocking copy from host memory
+    # waits for all the work queued on the device before it, every step
+    top, bottom, left, right = torch.stack([top, bottom, left, right]).to(device, non_blocking=True).unbind(0)
+    row_weight, column_weight = torch.stack([row_weight, column_weight]).to(device, non_blocking=True).unbind(0)
     planes = torch.arange(batch, device=device)[:, None] * channels + torch.arange(channels, device=device)
     planes = planes * height
     picks = planes[:, :, None] + torch.cat([top, bottom], dim=1)[:, None, :]
@@ -369,7 +373,7 @@ def sample_flips(batch: int, generator: torch.Generator) -> Tensor:
 
 def flip(images: Tensor, mask: Tensor) -> Tensor:
     """Mirror left-right the images where ``mask`` is true."""
-    mask = mask.to(images.device).view(-1, *([1] * (images.dim() - 1)))
+    mask = mask.to(images.device, non_blocking=True).view(-1, *([1] * (images.dim() - 1)))
     return torch.where(mask, images.flip(-1), images)
 
 

@@ -9,7 +9,11 @@ that reads one value per step can never run ahead of the device. These tests run
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from distill import augment
 
 from distill.methods import METHODS
 from distill.reliability import nonfinite
@@ -31,3 +35,45 @@ def test_no_training_step_reads_a_tensor_on_the_host(method, tmp_path, monkeypat
     (watcher,) = [c for c in cli.trainer.callbacks if isinstance(c, NoHostReads)]
     assert watcher.watched == 2 * 6, watcher.watched  # steps 1..6 of both epochs were watched
     assert watcher.calls == [], watcher.calls
+
+
+class HostToDeviceCopies(TorchDispatchMode):
+    """Records every copy from host memory to another device, and whether it waits for the device (a blocking
+    copy from host memory synchronises with the stream on CUDA: all the work queued before it must finish)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[bool] = []  # non_blocking of each
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name == "_to_copy" and args[0].device.type == "cpu" and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type != "cpu":
+            self.copies.append(bool(kwargs.get("non_blocking", False)))
+        elif name == "copy_" and args[1].device.type == "cpu" and args[0].device.type != "cpu":
+            self.copies.append(bool(args[2] if len(args) > 2 else kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mix", [None, 0.3])
+def test_device_crops_copy_their_plan_without_waiting_for_the_device(mix):
+    """PatientConsistentKD's crops are planned on the host (the same random stream on every device) and cut on
+    the device: the plan goes there in two copies that do not wait for the device's queued work. Images on the
+    ``meta`` device stand in for a GPU's here."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.empty(4, 3, 32, 32, device="meta")
+    boxes = augment.sample_inception_boxes(4, 32, 32, generator)
+    flips = augment.sample_flips(4, generator)
+    with HostToDeviceCopies() as watch:
+        out = augment.crop_resize(images, boxes, 24, flips, mix=mix)
+        augment.flip(out, flips)
+    assert out.shape == (4, 3, 24, 24) and out.device.type == "meta"
+    assert watch.copies == [True, True, True], watch.copies  # the plan's indices and weights; the flip mask
+
+
+def test_the_copy_watch_sees_blocking_copies():
+    with HostToDeviceCopies() as watch:
+        torch.ones(3).to("meta")
+        torch.empty(3, device="meta").copy_(torch.ones(3), non_blocking=True)
+    assert watch.copies == [False, True]
