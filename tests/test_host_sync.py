@@ -3,7 +3,7 @@
 On a GPU every ``.item()``, ``bool(tensor)`` or ``.cpu()`` waits for all the work queued before it, so a loop
 that reads one value per step can never run ahead of the device. These tests run every method through
 ``distill fit`` on the CPU with the progress bar on and catch the reads in Python (a GPU run can add
-``torch.cuda.set_sync_debug_mode("error")``: ``python -m distill.tools.bench --gpu-suite`` does). Every method's
+``torch.cuda.set_sync_debug_mode``: ``distill bench-gpu`` counts the synchronisations per step with it). Every method's
 step also runs with its networks and batch on the ``meta`` device, where reading any value raises (a data-dependent
 operator such as boolean-mask indexing too) and where the copies from host memory can be watched.
 """
