@@ -640,7 +640,8 @@ def measure_device_ops(spec: StepSpec) -> dict[str, Any]:
         bound.setup(trainer)  # the method's optimiser and schedules, as in the timed rows
         floor_count = CountStepOperators(warmup, steps)
         _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[floor_count],
-                       default_root_dir=scratch).fit(LightningFloor(module, bound.bound, trainer), train_dataloaders=loader)
+                       default_root_dir=scratch).fit(LightningFloor(module, bound.bound, trainer),
+                                                     train_dataloaders=loader)
         for k in range(warmup):
             bound(batches[k % len(batches)])
         bound_per_step, _ = count_per_step(lambda k: bound(batches[k % len(batches)]), steps)

@@ -33,9 +33,10 @@ from torch.optim import Optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-#: Operators that only allocate or re-point storage, or mark a profiler range: no kernel. (Which level of an operator the count sees depends
-#: on the autograd mode: under ``no_grad`` a batch norm reaches it as ``native_batch_norm`` plus the ``empty``
-#: tensors of its saved statistics, under ``inference_mode`` as one ``batch_norm``.)
+#: Operators that only allocate or re-point storage, or mark a profiler range: no kernel. (Which level of an
+#: operator the count sees depends on the autograd mode: under ``no_grad`` a batch norm reaches it as
+#: ``native_batch_norm`` plus the ``empty`` tensors of its saved statistics, under ``inference_mode`` as one
+#: ``batch_norm``.)
 NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "set_", "resize_",
                        "_record_function_enter", "_record_function_enter_new", "_record_function_exit"})
 
