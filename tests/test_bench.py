@@ -388,3 +388,35 @@ def test_the_gpu_suite_runs_its_rows_on_a_cpu_and_writes_json_and_markdown(tmp_p
     saved = json.loads(out.read_text())
     assert saved["failures"] == [] and len(saved["records"]) == len(records)
     assert "| 2 × Supervised on tiny_mlp, batch 16 |" in (tmp_path / "suite.md").read_text()
+
+
+def test_the_gpu_suite_times_the_gpus_wait_between_steps_from_events(monkeypatch):
+    """The GPU's wait is the sum, over the timed epoch, of the time from each step's end event to the next step's
+    start event (the first step's start has no predecessor); events stand in here for CUDA ones, stamped with the
+    host clock when queued."""
+    import time
+    from types import SimpleNamespace
+
+    from distill.tools import gpu_suite
+
+    class Stamp:
+        def __init__(self) -> None:
+            self.at = time.perf_counter()
+
+        def elapsed_time(self, later: "Stamp") -> float:  # milliseconds, as torch.cuda.Event's
+            return (later.at - self.at) * 1000
+
+    timer = gpu_suite.LoopTimer(torch.device("cpu"))
+    monkeypatch.setattr(timer, "_event", Stamp)
+    trainer, batch = SimpleNamespace(current_epoch=1, should_stop=False), (torch.zeros(4, 1),)
+    timer.on_train_epoch_start(trainer, None)
+    for step in range(3):
+        if step:
+            time.sleep(0.05)  # between steps: the GPU would be waiting
+        timer.on_train_batch_start(trainer, None, batch, step)
+        time.sleep(0.02)  # the step itself
+        timer.on_train_batch_end(trainer, None, None, batch, step)
+    timer.on_train_epoch_end(trainer, None)
+    # the two 50 ms gaps, and not the steps' 20 ms (0.16 s with them)
+    assert 0.1 <= timer.device_wait < 0.15, timer.device_wait
+    assert timer.steps == 3 and trainer.should_stop

@@ -19,6 +19,10 @@ with one device synchronisation at its start and one at its end, so the figure i
 * ``host_wait_share``: the share of that time the training process spent between one step's end and the next
   step's start (fetching and augmenting the batch, Lightning's loop): on the device path this is host time
   that the device may overlap, an upper bound of the time the GPU waits for data;
+* ``device_wait_share`` (CUDA only): the share the GPU itself spent between one step's last kernel and the next
+  step's first, measured with CUDA events read once after the epoch: the resident batch's gather and
+  augmentation kernels plus any time the GPU sat idle waiting for the host to queue work (issue 20's "waiting for
+  data", which must stay under 2 %);
 * ``syncs_per_step``: host-device synchronisations per timed step, counted by
   ``torch.cuda.set_sync_debug_mode("warn")`` (the loss reads every 16 steps are expected; CUDA only);
 * ``peak_memory_mb``: ``torch.cuda.max_memory_allocated`` of the row.
@@ -113,6 +117,10 @@ class LoopTimer(L.Callback):
         self.steps = 0
         self.seconds = 0.0
         self.host_wait = 0.0
+        #: seconds the GPU spent between one timed step's last kernel and the next step's first (CUDA only)
+        self.device_wait: float | None = None
+        self._gaps: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._step_end: torch.cuda.Event | None = None
         self.syncs: int | None = None
         self.wall = [0.0, 0.0]
         self._timing = False
@@ -123,6 +131,14 @@ class LoopTimer(L.Callback):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _event(self) -> torch.cuda.Event | None:
+        """A timing event queued on the current stream now (no synchronisation); None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._timing = trainer.current_epoch == 1
@@ -153,12 +169,19 @@ class LoopTimer(L.Callback):
                              batch_idx: int) -> None:
         if self._timing:
             self.host_wait += time.perf_counter() - self._mark
+            # the GPU reaches this event once it has run the batch's own kernels (the resident data's gather and
+            # augmentation) and waited for the host to queue them: from the previous step's end to here it
+            # worked on data or idled
+            start = self._event()
+            if self._step_end is not None and start is not None:
+                self._gaps.append((self._step_end, start))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._timing:
             self.images += batch[0].shape[0]
             self.steps += 1
+            self._step_end = self._event()
             self._mark = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -167,6 +190,9 @@ class LoopTimer(L.Callback):
         self._stop_counting()
         self._sync()
         self.seconds = time.perf_counter() - self._start
+        if self._gaps:  # CUDA: the events have all completed, reading them waits for nothing
+            self.device_wait = sum(end.elapsed_time(start) for end, start in self._gaps) / 1000
+        self._gaps, self._step_end = [], None
         self.wall[1] = time.time()
         self._timing = False
         trainer.should_stop = True
@@ -231,6 +257,8 @@ def measure_row(row: Row, data: DistillDataModule, device: torch.device, precisi
         "student": pair.student, "device": bench.describe_device(device), "precision": precision,
         "images_per_s": round(timer.images / timer.seconds, 1) if timer.seconds else None,
         "host_wait_share": round(timer.host_wait / timer.seconds, 4) if timer.seconds else None,
+        "device_wait_share": round(timer.device_wait / timer.seconds, 4)
+        if timer.device_wait is not None and timer.seconds else None,
         "syncs_per_step": round(timer.syncs / timer.steps, 3) if timer.syncs is not None and timer.steps else None,
         "timed_steps": timer.steps, "timed_images": timer.images, "timed_wall": timer.wall,
         "peak_memory_mb": round(bench.peak_memory_mb(device), 1),
@@ -266,7 +294,8 @@ def measure_concurrent(row: Row, copies: int, args: argparse.Namespace) -> dict[
 
 # ------------------------------------------------------------------------------------------ the command
 def markdown(records: list[dict[str, Any]], skipped: list[str], failures: list[str], header: str) -> str:
-    lines = [header, "", "| row | img/s | host wait | syncs/step | peak MB | wall s | note |", "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| row | img/s | host wait | GPU wait | syncs/step | peak MB | wall s | note |",
+             "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for r in records:
         note = ""
@@ -278,6 +307,7 @@ def markdown(records: list[dict[str, Any]], skipped: list[str], failures: list[s
         if r["kind"] == "step":
             note = f"step / plain-torch bound {fmt(r.get('ratio'), '.2f')} (bound {fmt(r.get('bound_images_per_s'), '.0f')} img/s)"
         lines.append(f"| {r['row']} | {fmt(r.get('images_per_s'), ',.0f')} | {fmt(r.get('host_wait_share'), '.1%')} | "
+                     f"{fmt(r.get('device_wait_share'), '.1%')} | "
                      f"{fmt(r.get('syncs_per_step'), '.2f')} | {fmt(r.get('peak_memory_mb'), ',.0f')} | "
                      f"{fmt(r.get('wall_s'), '.0f')} | {note} |")
     if skipped:
