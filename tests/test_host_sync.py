@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distill import augment
 from distill.methods import TrainingBatch
 from distill.tools import bench
+from distill.tools.device_ops import NO_KERNEL
 
 from distill.methods import METHODS
 from distill.reliability import nonfinite
@@ -106,3 +107,36 @@ def test_every_methods_step_runs_on_a_device_without_host_reads_or_blocking_copi
         losses["loss"].backward()
     assert logits.device.type == "meta" and logits.shape == (8, pair.num_classes)
     assert all(watch.copies), watch.copies
+
+
+class DeviceOperators(TorchDispatchMode):
+    """Counts the operators whose output is on a device other than the host and that may launch a kernel there
+    (not views, not allocations: :data:`distill.tools.device_ops.NO_KERNEL`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor) and first.device.type != "cpu" and not func.is_view \
+                and func.overloadpacket.__name__ not in NO_KERNEL:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("mix", [None, 0.3])
+def test_device_crops_launch_a_few_kernels_for_the_whole_batch(mix):
+    """The crops of a batch on the device run the same few operators there for 4 images as for 64 (none per image):
+    python -m pytest tests/test_host_sync.py -k few_kernels gives the figures of docs/performance.md."""
+    counts = []
+    for batch in (4, 64):
+        generator = torch.Generator().manual_seed(0)
+        images = torch.empty(batch, 3, 32, 32, device="meta")
+        boxes = augment.sample_inception_boxes(batch, 32, 32, generator)
+        flips = augment.sample_flips(batch, generator)
+        with DeviceOperators() as watch:
+            augment.crop_resize(images, boxes, 32, flips, mix=mix)
+        counts.append(watch.count)
+    assert counts[0] == counts[1] <= 20, counts
