@@ -123,19 +123,26 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class SpeedOptions(Callback):
-    """Applies :func:`apply_speed_options` to the method's networks when ``fit``/``validate``/``test`` starts.
+    """Applies :func:`apply_speed_options` to the method's networks when ``fit``/``validate``/``test`` starts, and
+    asks every optimiser the method builds for its fused kernel.
 
     Args:
         channels_last: store convolution weights (and so activations) in NHWC memory order.
         compile: ``false`` (default), ``true`` (mode ``default``) or a torch.compile mode
             (``reduce-overhead``, ``max-autotune``, ...). The first steps then include compilation.
+        fused_optimizer: build the optimiser with ``fused=True`` (torch's SGD, Adam, AdamW, Adagrad and
+            :class:`distill.optim.DecoupledAdamW`): one kernel per update step for all parameters instead of a few
+            multi-tensor ones, the same update up to rounding; what remains of a step outside CUDA graphs is launches,
+            so this counts. An optimiser without a ``fused`` argument is a :class:`~distill.errors.ConfigError`.
     """
 
-    def __init__(self, channels_last: bool = False, compile: bool | str = False) -> None:
+    def __init__(self, channels_last: bool = False, compile: bool | str = False,
+                 fused_optimizer: bool = False) -> None:
         # a wrong mode fails when the config is read, not in setup
         self._cuda_graphs = resolve_compile(compile) in CUDA_GRAPH_MODES
         self.channels_last = channels_last
         self.compile = compile
+        self.fused_optimizer = fused_optimizer
         self._applied: set[int] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -321,6 +328,15 @@ def describe(resolved: dict[str, Any]) -> str:
     how = (f"{resolved['rule']} scaling, ×{resolved['lr_factor']:g} = {batch.size}/{resolved['base_batch_size']}"
            if resolved["rule"] != "none" else "no scaling")
     return f"LRScaling: global batch {batch}; lr {lrs} ({how})"
+
+
+def optimizer_options(trainer: L.Trainer | None) -> dict[str, Any]:
+    """Constructor arguments the trainer's :class:`SpeedOptions` adds to every optimiser the method builds:
+    ``{"fused": True}`` with ``fused_optimizer``, else none (and none without a trainer)."""
+    if trainer is None:
+        return {}
+    speed = next((c for c in trainer.callbacks if isinstance(c, SpeedOptions)), None)
+    return {"fused": True} if speed is not None and speed.fused_optimizer else {}
 
 
 def scale_learning_rates(trainer: L.Trainer | None, optimizer: Optimizer) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from distill.callbacks import scale_learning_rates
+from distill.callbacks import optimizer_options, scale_learning_rates
 from distill.errors import ConfigError
 
 
@@ -273,16 +273,18 @@ class DecoupledAdamW(torch.optim.AdamW):
         lr: Adam's base learning rate.
         weight_decay: big_vision's ``wd``, the decay per step at schedule factor 1.
         betas, eps: Adam's, default as big_vision's ``scale_by_adam`` (optax defaults).
+        foreach, fused: torch's implementation choices (the same update; ``fused``: one kernel per step).
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 0.003, weight_decay: float = 1e-4,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None,
+                 fused: bool | None = None) -> None:
         if not lr > 0 or weight_decay < 0:
             raise ConfigError(f"DecoupledAdamW needs lr > 0 and weight_decay >= 0; got lr={lr}, "
                               f"weight_decay={weight_decay}.")
         weights, rest = decay_groups(params)
         super().__init__([{"params": weights, "decoupled_wd": weight_decay}, {"params": rest, "decoupled_wd": 0.0}],
-                         lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+                         lr=lr, betas=betas, eps=eps, weight_decay=0.0, foreach=foreach, fused=fused)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -301,8 +303,17 @@ def lightning_optimization(params: list[nn.Parameter], optimizer: Callable[[list
     scaled rate as its base rate), and the schedule, told the run's length in its own unit if it asks for it
     (:class:`WarmupCosine`: steps, :class:`CosineAnnealing`: epochs; ``run_length("step" | "epoch")``), or
     scaled to the epochs of the run's first schedule span if it was written for another length
-    (:class:`MultiStep`, :class:`CosineAnnealing` with ``of_epochs``; ``first_span_epochs()``)."""
-    built = optimizer(params)
+    (:class:`MultiStep`, :class:`CosineAnnealing` with ``of_epochs``; ``first_span_epochs()``). The Trainer's
+    :class:`~distill.callbacks.SpeedOptions` may add constructor arguments (``fused=True``)."""
+    options = optimizer_options(trainer)
+    try:
+        built = optimizer(params, **options)
+    except TypeError as error:
+        if not any(f"'{name}'" in str(error) for name in options):
+            raise
+        raise ConfigError(f"SpeedOptions(fused_optimizer=true) builds the optimiser with fused=True, which it does "
+                          f"not take ({error}); torch's SGD, Adam, AdamW and Adagrad and distill.optim.DecoupledAdamW "
+                          "do: choose one of them, or set fused_optimizer: false.") from error
     scale_learning_rates(trainer, built)
     scheduler = lr_scheduler(built)
     if scheduler is None:

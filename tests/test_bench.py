@@ -345,6 +345,43 @@ def test_speed_options_in_a_fit(tmp_path, teacher_file):
     assert torch.isfinite(trainer.logged_metrics["train/loss_epoch"])
 
 
+@pytest.mark.parametrize("method", ["Supervised", "PatientConsistentKD"])
+def test_a_fused_optimiser_trains_the_same_student(method, tmp_path, teacher_file):
+    """SpeedOptions(fused_optimizer=true): the method's optimiser (its default: SGD for Supervised, DecoupledAdamW
+    with its per-step decoupled decay for PatientConsistentKD) is built with its fused kernel and trains the same
+    weights as the unfused one."""
+    from distill.methods import PatientConsistentKD
+
+    def fit(fused: bool):
+        torch.manual_seed(0)
+        if method == "Supervised":
+            model = Supervised(student="resnet8", num_classes=10, in_channels=3, image_size=16)
+        else:
+            # a large decay, so that a fused update that lost it could not pass for rounding
+            model = PatientConsistentKD(student="resnet8", teacher=str(teacher_file), image_size=16, warmup_steps=2,
+                                        weight_decay=0.1)
+        trainer = tiny_trainer(tmp_path / f"{method}{fused}", max_epochs=2,
+                               callbacks=[SpeedOptions(fused_optimizer=fused)])
+        trainer.fit(model, datamodule=fake_datamodule(augment="none"))
+        groups = trainer.optimizers[0].param_groups
+        assert all(bool(group["fused"]) == fused for group in groups)
+        return model.student.state_dict()
+
+    unfused, fused = fit(False), fit(True)
+    # Adam divides by the root of its second moment, which magnifies the kernels' different rounding (4e-6 here)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if method == "Supervised" else dict(rtol=1e-3, atol=2e-5)
+    for name, value in unfused.items():
+        torch.testing.assert_close(fused[name], value, **tolerance, msg=name)
+
+
+def test_a_fused_optimiser_the_optimiser_lacks_is_a_config_error(tmp_path):
+    model = Supervised(student="mlp_30_30", num_classes=10, in_channels=3, image_size=16,
+                       optimizer=lambda params: torch.optim.RMSprop(params, lr=0.01))
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[SpeedOptions(fused_optimizer=True)])
+    with pytest.raises(ConfigError, match="fused_optimizer"):
+        trainer.fit(model, datamodule=fake_datamodule())
+
+
 def test_a_compiled_fit_trains_the_same_student_as_an_eager_one(tmp_path, monkeypatch):
     """SpeedOptions(compile="reduce-overhead"): static-shape graphs for the 32-image batches, the last 16-image batch
     and the evaluation batches; the same weights as the eager fit, and every training and validation step marked as

@@ -198,5 +198,6 @@ def test_the_gpu_overlay_adds_its_options_and_keeps_the_experiments_callbacks():
     assert [c["class_path"] for c in gpu["trainer"]["callbacks"]] == [
         *(c["class_path"] for c in plain["trainer"]["callbacks"]), "distill.callbacks.SpeedOptions"]
     assert "distill.callbacks.EvalTeacherCache" in [c["class_path"] for c in gpu["trainer"]["callbacks"]]
-    assert gpu["trainer"]["callbacks"][-1]["init_args"] == {"channels_last": True, "compile": "reduce-overhead"}
+    assert gpu["trainer"]["callbacks"][-1]["init_args"] == {"channels_last": True, "compile": "reduce-overhead",
+                                                           "fused_optimizer": True}
     assert gpu["model"] == plain["model"] and gpu["trainer"]["max_epochs"] == plain["trainer"]["max_epochs"]

@@ -78,7 +78,8 @@ class DistillModule(L.LightningModule):
         in_channels: image channels; linked from the DataModule.
         image_size: input resolution; linked from the DataModule (MLPs need it).
         optimizer: a callable taking the parameters (in YAML a ``class_path`` such as ``torch.optim.SGD`` or
-            ``distill.optim.DecoupledAdamW``, with ``init_args``); default: :meth:`default_optimizer`.
+            ``distill.optim.DecoupledAdamW``, with ``init_args``); default: :meth:`default_optimizer`. With
+            ``SpeedOptions(fused_optimizer=true)`` it is also given ``fused=True``.
         lr_scheduler: a callable taking the optimiser (``torch.optim.lr_scheduler.MultiStepLR``,
             ``distill.optim.WarmupCosine``, ...); default: :meth:`default_lr_scheduler`. Stepped every epoch
             unless ``lr_scheduler_interval`` is ``"step"`` (WarmupCosine: every step).
@@ -269,9 +270,10 @@ class DistillModule(L.LightningModule):
         return self.student
 
     # ----------------------------------------------------------------------------------- optimisation
-    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """The optimiser when the config names none: RepDistiller's CIFAR recipe."""
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    def default_optimizer(self, params: list[nn.Parameter], **options: Any) -> torch.optim.Optimizer:
+        """The optimiser when the config names none: RepDistiller's CIFAR recipe. ``options``: implementation
+        choices such as ``fused=True`` (:class:`~distill.callbacks.SpeedOptions`)."""
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4, **options)
 
     def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         """The schedule when the config names none: a constant rate."""

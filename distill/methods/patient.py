@@ -279,8 +279,8 @@ class PatientConsistentKD(TeacherStudentModule):
         return total / hp.fixed_crops
 
     # ----------------------------------------------------------------------------------- optimisation
-    def default_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return DecoupledAdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def default_optimizer(self, params: list[nn.Parameter], **options: Any) -> torch.optim.Optimizer:
+        return DecoupledAdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, **options)
 
     def default_lr_scheduler(self, optimizer: torch.optim.Optimizer) -> WarmupCosine:
         return WarmupCosine(optimizer, self.hparams.warmup_steps)

@@ -294,7 +294,8 @@ def _residual_stage(stage: int) -> Callable[[BenchContext], DistillModule]:
         # a small learning rate: feature matching between random networks on noise diverges at larger ones
         module = Pinned(student=context.pair.student, stage_epochs=[10**6, 10**6], teacher=context.network_file("teacher"),
                         assistant=context.pair.student, assistant_kwargs={"width": 0.25}, **context.geometry,
-                        optimizer=lambda params: torch.optim.SGD(params, lr=1e-5, momentum=0.9, weight_decay=5e-4))
+                        optimizer=lambda params, **options: torch.optim.SGD(params, lr=1e-5, momentum=0.9,
+                                                                             weight_decay=5e-4, **options))
         module.enter_stage(stage)
         return module
     return build
