@@ -10,11 +10,11 @@ and, on a CPU, the same rows on generated data and MLPs, a few steps each, to ch
 
 What it measures, one record per row (``kind: "loop"``): ``Trainer.fit`` of the method's real LightningModule on
 device-resident CIFAR-10 (``data.device_resident: true``, ``augment: cifar``, the recipe's pad-4 crop + flip on
-the device; PatientConsistentKD crops and mixes on the device itself), ``trainer.precision: bf16-mixed`` and
+the device; PatientConsistentKD crops and mixes on the device itself), ``trainer.precision: bf16-mixed``,
 ``channels_last`` and the optimiser's fused kernel (the GPU overlay's settings), with no logger, checkpoint or
 validation. A first epoch of ``--steps`` batches warms up (compilation, CUDA-graph capture, cuDNN's algorithm
-search); the second is timed,
-with one device synchronisation at its start and one at its end, so the figure is what the loop sustains:
+search); the second is timed, with one device synchronisation at its start and one at its end, so the figure is
+what the loop sustains:
 
 * ``images_per_s``: images of the timed epoch over its wall time;
 * ``host_wait_share``: the share of that time the training process spent between one step's end and the next
