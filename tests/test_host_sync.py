@@ -140,3 +140,33 @@ def test_device_crops_launch_a_few_kernels_for_the_whole_batch(mix):
             augment.crop_resize(images, boxes, 32, flips, mix=mix)
         counts.append(watch.count)
     assert counts[0] == counts[1] <= 20, counts
+
+
+def test_evaluation_metrics_update_without_host_reads():
+    """Validation and test batches only add to sums on the device: the metrics' updates run on the meta device,
+    where a host read raises (torchmetrics' MeanMetric checks each value for NaN on the host, and its accuracy
+    validates its inputs there by default)."""
+    from distill.methods.evaluation import EvaluationMetrics
+
+    metrics = EvaluationMetrics(10).to("meta")
+    logits, teacher = torch.randn(8, 10, device="meta"), torch.randn(8, 10, device="meta")
+    for stage in ("val", "test"):
+        metrics.update(stage, logits, torch.zeros(8, dtype=torch.long, device="meta"), teacher,
+                       lambda *args, **kwargs: None, "")
+    assert metrics.val["loss"].total.device.type == "meta"
+
+
+def test_the_evaluation_mean_is_torchmetrics_mean_without_its_nan_check():
+    from torchmetrics import MeanMetric
+
+    from distill.methods.evaluation import Mean
+
+    generator = torch.Generator().manual_seed(0)
+    ours, reference = Mean(), MeanMetric()
+    for size in (32, 32, 7):  # batch means weighted by batch size, and per-sample values
+        for value, weight in ((torch.rand((), generator=generator), size), (torch.rand(size, generator=generator), 1)):
+            ours.update(value, weight)
+            reference.update(value, weight)
+    torch.testing.assert_close(ours.compute(), reference.compute())
+    ours.update(torch.tensor([float("nan")]))
+    assert torch.isnan(ours.compute())  # shown in the logs, not an exception in the middle of a validation

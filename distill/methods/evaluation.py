@@ -1,18 +1,45 @@
 """What validation and test measure: accuracy (top-1, top-5), cross-entropy, and, where a teacher teaches,
-the student's top-1 agreement with it and ``KL(p_t ‖ p_s)``."""
+the student's top-1 agreement with it and ``KL(p_t ‖ p_s)``.
+
+Every batch only adds to sums on the device: no update reads a value on the host, which on a GPU would wait for
+all the work queued before it (torchmetrics' ``MeanMetric`` checks every value for NaN on the host and its
+classification metrics validate their inputs there by default, several synchronisations per evaluation batch).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchmetrics import MaxMetric, MeanMetric, Metric
+from torchmetrics import MaxMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.losses import soft_target_kl, top1_agreement
 
 STAGES = ("val", "test")
+
+
+class Mean(Metric):
+    """The mean of all the values given to :meth:`update` (each element of a tensor counts once, times its weight),
+    as torchmetrics' ``MeanMetric`` computes it, but summed on the device without reading anything on the host: a
+    NaN makes the mean NaN (what the logs then show) instead of raising."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: float = 1.0) -> None:
+        value = value.detach().float()
+        self.total += value.sum() * weight
+        self.weight += value.numel() * weight
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight
 
 
 class EvaluationMetrics(nn.Module):
@@ -22,10 +49,13 @@ class EvaluationMetrics(nn.Module):
         super().__init__()
         self.top5 = num_classes > 5
         for stage in STAGES:
-            metrics: dict[str, Metric] = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-                                          "loss": MeanMetric(), "agreement": MeanMetric(), "kl": MeanMetric()}
+            # validate_args=False: the input checks read values on the host (the labels come from our DataModule)
+            metrics: dict[str, Metric] = {
+                "acc": MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False),
+                "loss": Mean(), "agreement": Mean(), "kl": Mean()}
             if self.top5:
-                metrics["acc_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+                metrics["acc_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro",
+                                                         validate_args=False)
             setattr(self, stage, nn.ModuleDict(metrics))
         self.best = MaxMetric()
 
@@ -52,8 +82,8 @@ class EvaluationMetrics(nn.Module):
             updates["agreement"] = (top1_agreement(logits, teacher_logits),)
             updates["kl"] = (soft_target_kl(logits, teacher_logits),)
         for name, values in updates.items():
-            metrics[name](*values)
+            metrics[name].update(*values)  # the epoch's value only: forward would also compute the batch's
             log(f"{prefix}{stage}/{name}", metrics[name], batch_size=size, prog_bar=stage == "val" and name == "acc")
 
 
-__all__ = ["EvaluationMetrics", "STAGES"]
+__all__ = ["EvaluationMetrics", "Mean", "STAGES"]
