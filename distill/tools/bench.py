@@ -621,12 +621,14 @@ def measure_step(spec: StepSpec) -> dict[str, Any]:
 
 def measure_device_ops(spec: StepSpec) -> dict[str, Any]:
     """Operators dispatched per training step (:mod:`distill.tools.device_ops`), over ``spec.device_ops`` steps
-    after two untimed ones, on a freshly built module, eager (no speed options): the method's step in the
-    Trainer, the :class:`LightningFloor` of its bound, and the bound in plain torch. Returns the record's
+    after two untimed ones, on a freshly built module, eager (no speed options) and at ``32-true`` whatever the
+    row's precision (under autocast the count would miss the casts of the teachers' weights, see
+    :mod:`distill.tools.device_ops`): the method's step in the Trainer, the :class:`LightningFloor` of its bound,
+    and the bound in plain torch. Returns the record's
     ``device_ops_per_step``, ``floor_device_ops_per_step``, ``bound_device_ops_per_step`` and
     ``device_ops_steps``."""
     device, pair, entry = torch.device(spec.device), PAIRS[spec.pair], ROWS[spec.method]
-    warmup, steps = 2, spec.device_ops
+    warmup, steps, precision = 2, spec.device_ops, "32-true"
     L.seed_everything(0, verbose=False)
     with tempfile.TemporaryDirectory() as scratch:
         batches = make_batches(pair, spec.batch_size, 4, device)
@@ -634,13 +636,13 @@ def measure_device_ops(spec: StepSpec) -> dict[str, Any]:
         total = warmup + steps + 1  # the epoch's last step (a loss read) is not counted
         loader = _Cycle(batches, total)
         method_count = CountStepOperators(warmup, steps)
-        trainer = _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[method_count],
+        trainer = _quiet_trainer(device, precision, max_epochs=-1, max_steps=total, callbacks=[method_count],
                                  default_root_dir=scratch)
         trainer.fit(module, train_dataloaders=loader)
-        bound = PlainStep(entry.bound(module), device, spec.precision)
+        bound = PlainStep(entry.bound(module), device, precision)
         bound.setup(trainer)  # the method's optimiser and schedules, as in the timed rows
         floor_count = CountStepOperators(warmup, steps)
-        _quiet_trainer(device, spec.precision, max_epochs=-1, max_steps=total, callbacks=[floor_count],
+        _quiet_trainer(device, precision, max_epochs=-1, max_steps=total, callbacks=[floor_count],
                        default_root_dir=scratch).fit(LightningFloor(module, bound.bound, trainer),
                                                      train_dataloaders=loader)
         for k in range(warmup):
@@ -886,7 +888,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "same kind of Trainer (floor_ratio: what Lightning's own loop leaves of the bound)")
     parser.add_argument("--device-ops", type=int, default=0, metavar="STEPS",
                         help="per step row, also count the operators dispatched per step (method, Lightning floor, "
-                             "bound; eager) over STEPS steps: 64 spreads the work done every 16 and 64 steps "
+                             "bound; eager, at 32-true) over STEPS steps: 64 spreads the work done every 16 and 64 steps "
                              "exactly (distill.tools.device_ops); 0 (default): no count")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="measure each step row in a fresh process, for a per-row peak memory (default: "
