@@ -888,8 +888,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "same kind of Trainer (floor_ratio: what Lightning's own loop leaves of the bound)")
     parser.add_argument("--device-ops", type=int, default=0, metavar="STEPS",
                         help="per step row, also count the operators dispatched per step (method, Lightning floor, "
-                             "bound; eager, at 32-true) over STEPS steps: 64 spreads the work done every 16 and 64 steps "
-                             "exactly (distill.tools.device_ops); 0 (default): no count")
+                             "bound; eager, at 32-true) over STEPS steps: 64 spreads the work done every 16 and 64 "
+                             "steps exactly (distill.tools.device_ops); 0 (default): no count")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="measure each step row in a fresh process, for a per-row peak memory (default: "
                              "on unless --quick; each process spends seconds importing torch and lightning)")
