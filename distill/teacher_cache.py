@@ -159,23 +159,26 @@ def give_default_mode(path: Path) -> None:
 @torch.no_grad()
 def compute(batches: Iterable[tuple[Tensor, Tensor, Tensor]], outputs: Callable[[Tensor], Tensor], size: int,
             device: torch.device | str = "cpu") -> Tensor:
-    """Runs ``outputs(images)`` over ``(images, labels, indices)`` batches into a ``[size, classes]`` tensor.
+    """Runs ``outputs(images)`` over ``(images, labels, indices)`` batches into a ``[size, classes]`` host tensor.
 
+    The outputs are gathered where ``outputs`` computes them and copied to the host once, at the end: a copy per
+    batch would make the device wait for the host before every batch (the every-view cache runs thousands).
     Every index in ``0..size-1`` must be seen exactly once; a gap is an error, not a silent zero row.
     """
     logits: Tensor | None = None
-    seen = torch.zeros(size, dtype=torch.bool)
+    seen: Tensor | None = None
     for images, _, indices in batches:
-        out = outputs(images.to(device)).float().cpu()
-        indices = indices.cpu()
+        out = outputs(images.to(device)).float()
         if logits is None:
-            logits = torch.empty(size, out.shape[1])
+            logits = torch.empty(size, out.shape[1], device=out.device)
+            seen = torch.zeros(size, dtype=torch.bool, device=out.device)
+        indices = indices.to(out.device, non_blocking=True)
         logits[indices] = out
         seen[indices] = True
-    if logits is None or not bool(seen.all()):
-        missing = size if logits is None else int((~seen).sum())
+    if logits is None or seen is None or not bool(seen.all()):
+        missing = size if seen is None else int((~seen).sum())
         raise RuntimeError(f"teacher cache: {missing} of {size} images produced no output")
-    return logits
+    return logits.cpu()
 
 
 def load_or_build(

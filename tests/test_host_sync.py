@@ -170,3 +170,21 @@ def test_the_evaluation_mean_is_torchmetrics_mean_without_its_nan_check():
     torch.testing.assert_close(ours.compute(), reference.compute())
     ours.update(torch.tensor([float("nan")]))
     assert torch.isnan(ours.compute())  # shown in the logs, not an exception in the middle of a validation
+
+
+def test_a_teacher_cache_pass_reads_its_outputs_on_the_host_once(monkeypatch):
+    """teacher_cache.compute gathers the outputs where they are computed and copies them to the host at the end: a
+    copy per batch would make a GPU wait for the host before each of the every-view cache's thousands of batches."""
+    from distill import teacher_cache
+
+    reads = []
+    for name in ("cpu", "item", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _name=name, _original=original, **k: (reads.append(_name),
+                                                                                   _original(self, *a, **k))[1])
+    batches = [(torch.randn(4, 3), torch.zeros(4), torch.arange(4 * k, 4 * k + 4)) for k in range(5)]
+    logits = teacher_cache.compute(batches, lambda images: images * 2, 20)
+    monkeypatch.undo()
+    assert sorted(reads) == ["__bool__", "cpu"], reads  # the completeness check and the one copy, after the loop
+    torch.testing.assert_close(logits, torch.cat([images for images, _, _ in batches]) * 2)
