@@ -175,7 +175,7 @@ def compute(batches: Iterable[tuple[Tensor, Tensor, Tensor]], outputs: Callable[
         indices = indices.to(out.device, non_blocking=True)
         logits[indices] = out
         seen[indices] = True
-    if logits is None or seen is None or not bool(seen.all()):
+    if logits is None or seen is None or not bool(seen.all()):  # both are made together, with the first batch
         missing = size if seen is None else int((~seen).sum())
         raise RuntimeError(f"teacher cache: {missing} of {size} images produced no output")
     return logits.cpu()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -89,3 +90,14 @@ class NoHostReads(L.Callback):
 
     def teardown(self, trainer, pl_module, stage):
         self._unwatch()
+
+
+@contextlib.contextmanager
+def host_reads():
+    """The host reads (:class:`NoHostReads`' ``(step, method, caller)``, step 0) made inside the block."""
+    watcher = NoHostReads()
+    watcher._watch(0)
+    try:
+        yield watcher.calls
+    finally:
+        watcher._unwatch()

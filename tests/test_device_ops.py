@@ -19,7 +19,7 @@ import torch
 from distill.methods.epoch_means import EpochMeans
 from distill.reliability import nonfinite
 from distill.tools import bench
-from distill.tools.device_ops import CountStepOperators, OperatorCount, count_per_step, foreach_as_on_cuda
+from distill.tools.device_ops import OperatorCount, count_per_step, foreach_as_on_cuda
 
 #: What DistillModule.training_step adds to each step of the method's own ``training_losses``, backward and optimiser
 #: step run by the same Trainer: the training accuracy (argmax, eq). Nothing else, except on the few steps that
@@ -76,15 +76,6 @@ def test_optimisers_are_counted_with_their_foreach_implementation_as_on_cuda():
     assert counts[0] < 10 and counts[1] >= 3 * len(params)  # a few foreach operators, against several per parameter
 
 
-def _count_steps(module: L.LightningModule, loader: bench._Cycle, steps: int, scratch: str
-                 ) -> tuple[CountStepOperators, L.Trainer]:
-    counter = CountStepOperators(2, steps)
-    trainer = bench._quiet_trainer(torch.device("cpu"), "32-true", max_epochs=-1, max_steps=len(loader),
-                                   callbacks=[counter], default_root_dir=scratch)
-    trainer.fit(module, train_dataloaders=loader)
-    return counter, trainer
-
-
 def step_overhead(row: str, steps: int = COUNTED_STEPS) -> list[int]:
     """Per step, operators of the method's training_step minus those of its own ``training_losses`` in a bare
     LightningModule (clipped as its recipe clips), over ``steps`` steps after 2, in the same kind of Trainer, on
@@ -95,9 +86,11 @@ def step_overhead(row: str, steps: int = COUNTED_STEPS) -> list[int]:
         batches = bench.make_batches(pair, 8, 4, torch.device("cpu"))
         module = entry.build(bench.BenchContext(pair, Path(scratch), batches))
         loader = bench._Cycle(batches, 2 + steps + 1)
-        method, trainer = _count_steps(module, loader, steps, scratch)
+        cpu = torch.device("cpu")
+        method, trainer = bench.count_fit_operators(module, loader, 2, steps, cpu, "32-true", scratch)
         own_losses = bench.Bound(bench.method_step_bound(module).loss, entry.bound(module).clip_norm)
-        floor, _ = _count_steps(bench.LightningFloor(module, own_losses, trainer), loader, steps, scratch)
+        floor, _ = bench.count_fit_operators(bench.LightningFloor(module, own_losses, trainer), loader, 2, steps, cpu,
+                                             "32-true", scratch)
     assert min(floor.each) > 10  # the count saw the networks' work
     return [m - f for m, f in zip(method.each, floor.each)]
 

@@ -18,13 +18,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distill import augment
 from distill.methods import TrainingBatch
 from distill.tools import bench
-from distill.tools.device_ops import NO_KERNEL
+from distill.tools.device_ops import launches_kernel
 
 from distill.methods import METHODS
 from distill.reliability import nonfinite
 from distill.tools import killtest
 from distill.tools.main import main
-from reliability_helpers import NoHostReads
+from reliability_helpers import NoHostReads, host_reads
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -111,7 +111,7 @@ def test_every_methods_step_runs_on_a_device_without_host_reads_or_blocking_copi
 
 class DeviceOperators(TorchDispatchMode):
     """Counts the operators whose output is on a device other than the host and that may launch a kernel there
-    (not views, not allocations: :data:`distill.tools.device_ops.NO_KERNEL`)."""
+    (:func:`distill.tools.device_ops.launches_kernel`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -120,8 +120,7 @@ class DeviceOperators(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         first = out[0] if isinstance(out, (tuple, list)) and out else out
-        if isinstance(first, torch.Tensor) and first.device.type != "cpu" and not func.is_view \
-                and func.overloadpacket.__name__ not in NO_KERNEL:
+        if isinstance(first, torch.Tensor) and first.device.type != "cpu" and launches_kernel(func):
             self.count += 1
         return out
 
@@ -172,19 +171,14 @@ def test_the_evaluation_mean_is_torchmetrics_mean_without_its_nan_check():
     assert torch.isnan(ours.compute())  # shown in the logs, not an exception in the middle of a validation
 
 
-def test_a_teacher_cache_pass_reads_its_outputs_on_the_host_once(monkeypatch):
+def test_a_teacher_cache_pass_reads_its_outputs_on_the_host_once():
     """teacher_cache.compute gathers the outputs where they are computed and copies them to the host at the end: a
     copy per batch would make a GPU wait for the host before each of the every-view cache's thousands of batches."""
     from distill import teacher_cache
 
-    reads = []
-    for name in ("cpu", "item", "tolist", "__bool__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _name=name, _original=original, **k: (reads.append(_name),
-                                                                                   _original(self, *a, **k))[1])
     batches = [(torch.randn(4, 3), torch.zeros(4), torch.arange(4 * k, 4 * k + 4)) for k in range(5)]
-    logits = teacher_cache.compute(batches, lambda images: images * 2, 20)
-    monkeypatch.undo()
-    assert sorted(reads) == ["__bool__", "cpu"], reads  # the completeness check and the one copy, after the loop
+    with host_reads() as calls:
+        logits = teacher_cache.compute(batches, lambda images: images * 2, 20)
+    reads = sorted(method for _, method, _ in calls)
+    assert reads == ["__bool__", "cpu"], calls  # the completeness check and the one copy, after the loop
     torch.testing.assert_close(logits, torch.cat([images for images, _, _ in batches]) * 2)

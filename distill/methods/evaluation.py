@@ -24,7 +24,9 @@ STAGES = ("val", "test")
 class Mean(Metric):
     """The mean of all the values given to :meth:`update` (each element of a tensor counts once, times its weight),
     as torchmetrics' ``MeanMetric`` computes it, but summed on the device without reading anything on the host: a
-    NaN makes the mean NaN (what the logs then show) instead of raising."""
+    NaN makes the mean NaN (what the logs then show) instead of raising. (``MeanMetric(nan_strategy="disable")``
+    skips the host check too, but torchmetrics 1.9 then drops the weights: the loss would be an unweighted mean of
+    the batch means.)"""
 
     full_state_update = False
 

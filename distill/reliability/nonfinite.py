@@ -83,10 +83,11 @@ class StepLosses:
         self._places, self._values = [], []
         scalars = [value.float() if value.dim() == 0 else value.float().mean() for value in values]
         host = torch.stack(scalars).cpu() if scalars else torch.zeros(0)
-        per_step = list(host.split([len(place.names) for place in places])) if places else []
+        sizes = [len(place.names) for place in places]
+        per_step = list(host.split(sizes)) if places else []
         # the total decides, as it does for skipping (a part that is only logged may be NaN without harm);
         # read from one Python list rather than one host tensor op per step
-        flat, starts = host.tolist(), itertools.accumulate((len(place.names) for place in places), initial=0)
+        flat, starts = host.tolist(), itertools.accumulate(sizes, initial=0)
         totals = [flat[start + place.names.index("loss")] for place, start in zip(places, starts)]
         finite = all(math.isfinite(total) for total in totals)
         if trainer is not None and trainer.world_size > 1:

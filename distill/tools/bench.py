@@ -633,24 +633,29 @@ def measure_device_ops(spec: StepSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         batches = make_batches(pair, spec.batch_size, 4, device)
         module = entry.build(BenchContext(pair, Path(scratch), batches)).to(device)
-        total = warmup + steps + 1  # the epoch's last step (a loss read) is not counted
-        loader = _Cycle(batches, total)
-        method_count = CountStepOperators(warmup, steps)
-        trainer = _quiet_trainer(device, precision, max_epochs=-1, max_steps=total, callbacks=[method_count],
-                                 default_root_dir=scratch)
-        trainer.fit(module, train_dataloaders=loader)
+        loader = _Cycle(batches, warmup + steps + 1)  # the epoch's last step (a loss read) is not counted
+        method_count, trainer = count_fit_operators(module, loader, warmup, steps, device, precision, scratch)
         bound = PlainStep(entry.bound(module), device, precision)
         bound.setup(trainer)  # the method's optimiser and schedules, as in the timed rows
-        floor_count = CountStepOperators(warmup, steps)
-        _quiet_trainer(device, precision, max_epochs=-1, max_steps=total, callbacks=[floor_count],
-                       default_root_dir=scratch).fit(LightningFloor(module, bound.bound, trainer),
-                                                     train_dataloaders=loader)
+        floor_count, _ = count_fit_operators(LightningFloor(module, bound.bound, trainer), loader, warmup, steps,
+                                             device, precision, scratch)
         for k in range(warmup):
             bound(batches[k % len(batches)])
         bound_per_step, _ = count_per_step(lambda k: bound(batches[k % len(batches)]), steps)
     return {"device_ops_per_step": round(method_count.per_step(), 2),
             "floor_device_ops_per_step": round(floor_count.per_step(), 2),
             "bound_device_ops_per_step": round(bound_per_step, 2), "device_ops_steps": steps}
+
+
+def count_fit_operators(module: L.LightningModule, loader: _Cycle, warmup: int, steps: int, device: torch.device,
+                        precision: str, scratch: str) -> tuple[CountStepOperators, L.Trainer]:
+    """Fits ``module`` on ``loader`` (all its batches) in a quiet Trainer, counting the operators of ``steps`` steps
+    after ``warmup``; returns the count and the Trainer."""
+    count = CountStepOperators(warmup, steps)
+    trainer = _quiet_trainer(device, precision, max_epochs=-1, max_steps=len(loader), callbacks=[count],
+                             default_root_dir=scratch)
+    trainer.fit(module, train_dataloaders=loader)
+    return count, trainer
 
 
 def _paired_ratio(timer: Interleave) -> float:

@@ -41,18 +41,22 @@ NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new
                        "_record_function_enter", "_record_function_enter_new", "_record_function_exit"})
 
 
+def launches_kernel(func: Any) -> bool:
+    """Whether an ATen operator may launch a kernel: not a view, not an allocation (:data:`NO_KERNEL`)."""
+    return not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL
+
+
 class OperatorCount(TorchDispatchMode):
-    """Counts the ATen operators that may launch a kernel (not views, not allocations) dispatched while active,
-    by name (``counts``)."""
+    """Counts the ATen operators that may launch a kernel (:func:`launches_kernel`) dispatched while active, by
+    name (``counts``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        name = func.overloadpacket.__name__
-        if not func.is_view and name not in NO_KERNEL:
-            self.counts[name] += 1
+        if launches_kernel(func):
+            self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
     @property
@@ -114,4 +118,4 @@ def count_per_step(step: Callable[[int], None], steps: int) -> tuple[float, Oper
     return count.total / steps, count
 
 
-__all__ = ["CountStepOperators", "OperatorCount", "count_per_step", "foreach_as_on_cuda"]
+__all__ = ["CountStepOperators", "OperatorCount", "count_per_step", "foreach_as_on_cuda", "launches_kernel"]
