@@ -424,11 +424,17 @@ def test_the_gpu_suite_runs_its_rows_on_a_cpu_and_writes_json_and_markdown(tmp_p
                          "2 × Supervised on tiny_mlp, batch 16"}
     loops = [r for r in records if r["kind"] == "loop"]
     assert all(r["timed_steps"] == 3 and r["images_per_s"] > 0 for r in loops)
+    # what torch.compile did: nothing in an eager row; in a compiled one graphs, none with a CUDA graph on a CPU
+    assert all(r["graphs"] == 0 and r["cudagraph_skips"] == 0 for r in loops if not r["compile"])
+    compiled = rows["Supervised on tiny_mlp, batch 16, compiled (reduce-overhead)"]
+    assert compiled["graphs"] >= 1 and compiled["cudagraph_skips"] >= 1 and compiled["graph_breaks"] == 0
     assert rows["BaselineKD+views on tiny_mlp, batch 16"]["views"] == 18  # 8 px: pad 1, 3 x 3 offsets x 2 flips
     assert rows["2 × Supervised on tiny_mlp, batch 16"]["images_per_s"] > 0
     saved = json.loads(out.read_text())
     assert saved["failures"] == [] and len(saved["records"]) == len(records)
-    assert "| 2 × Supervised on tiny_mlp, batch 16 |" in (tmp_path / "suite.md").read_text()
+    table = (tmp_path / "suite.md").read_text()
+    assert "| 2 × Supervised on tiny_mlp, batch 16 |" in table
+    assert f"| {compiled['graphs']} graphs, {compiled['cudagraph_skips']} without a CUDA graph |" in table
 
 
 def test_the_gpu_suite_times_the_gpus_wait_between_steps_from_events(monkeypatch):

@@ -26,7 +26,10 @@ what the loop sustains:
   data", which must stay under 2 %);
 * ``syncs_per_step``: host-device synchronisations per timed step, counted by
   ``torch.cuda.set_sync_debug_mode("warn")`` (the loss reads every 16 steps are expected; CUDA only);
-* ``peak_memory_mb``: ``torch.cuda.max_memory_allocated`` of the row.
+* ``peak_memory_mb``: ``torch.cuda.max_memory_allocated`` of the row;
+* ``graphs``, ``graph_breaks``, ``cudagraph_skips`` and their reasons: what torch.compile did during the row
+  (:class:`distill.compile_watch.CompileWatch`), so that a compiled row whose graphs ran without their CUDA graphs
+  says so, and why, in the table's note.
 
 Rows (:func:`suite_rows`), in the order they run, the ones issue 20's targets name first: on resnet32x4 →
 resnet8x4, Supervised and BaselineKD online and with the every-view teacher cache (its one-off build is timed as
@@ -64,6 +67,7 @@ import lightning as L
 import torch
 
 from distill.callbacks import SpeedOptions
+from distill.compile_watch import CompileWatch
 from distill.data import DistillDataModule
 from distill.methods import BaselineKD, DistillModule
 from distill.run import child_environment
@@ -255,7 +259,8 @@ def measure_row(row: Row, data: DistillDataModule, device: torch.device, precisi
     trainer = bench._quiet_trainer(device, precision, max_epochs=sum(stages) if stages else 2, limit_train_batches=steps,
                                    callbacks=[timer, speed], default_root_dir=str(workdir))
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    with CompileWatch() as watch:
+        trainer.fit(module, datamodule=data)
     record = {
         "kind": "loop", "row": row.name, **asdict(row), "teacher": getattr(module, "teacher", None) is not None,
         "student": pair.student, "device": bench.describe_device(device), "precision": precision,
@@ -267,6 +272,7 @@ def measure_row(row: Row, data: DistillDataModule, device: torch.device, precisi
         "timed_steps": timer.steps, "timed_images": timer.images, "timed_wall": timer.wall,
         "peak_memory_mb": round(bench.peak_memory_mb(device), 1),
         "wall_s": round(time.perf_counter() - started, 1),
+        **watch.report.as_record(),
     }
     if row.method == VIEWS:
         record["views"] = int(module.cached_logits.shape[1])
@@ -297,6 +303,19 @@ def measure_concurrent(row: Row, copies: int, args: argparse.Namespace) -> dict[
 
 
 # ------------------------------------------------------------------------------------------ the command
+def compile_note(record: dict[str, Any]) -> str:
+    """What torch.compile did in a compiled row: its graphs, graph breaks, and graphs run without a CUDA graph (on a
+    GPU, with torch's first reason; on a CPU every graph)."""
+    parts = [f"{record.get('graphs', 0)} graphs"]
+    if record.get("graph_breaks"):
+        parts.append(f"{record['graph_breaks']} graph breaks")
+    if record.get("cudagraph_skips"):
+        reasons = record.get("cudagraph_skip_reasons") or []
+        why = f" ({reasons[0].splitlines()[0]})" if reasons else ""
+        parts.append(f"{record['cudagraph_skips']} without a CUDA graph{why}")
+    return ", ".join(parts)
+
+
 def markdown(records: list[dict[str, Any]], skipped: list[str], failures: list[str], header: str) -> str:
     lines = [header, "", "| row | img/s | host wait | GPU wait | syncs/step | peak MB | wall s | note |",
              "|---|---|---|---|---|---|---|---|"]
@@ -308,6 +327,8 @@ def markdown(records: list[dict[str, Any]], skipped: list[str], failures: list[s
             note = f"{r['images_per_s'] / single:.2f}× one run" if single else ""
         if r.get("cache_build_s") is not None:
             note = f"view cache ({r.get('views')} views) built in {r['cache_build_s']:.0f} s"
+        if r.get("compile"):
+            note = "; ".join(filter(None, [note, compile_note(r)]))
         if r["kind"] == "step":
             note = f"step / plain-torch bound {fmt(r.get('ratio'), '.2f')} (bound {fmt(r.get('bound_images_per_s'), '.0f')} img/s)"
         lines.append(f"| {r['row']} | {fmt(r.get('images_per_s'), ',.0f')} | {fmt(r.get('host_wait_share'), '.1%')} | "
