@@ -64,13 +64,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from safetensors.torch import save_file
 from torch import nn
 from torch.optim import Optimizer
 
 from distill import teacher_cache
-from distill.compile_watch import CompileWatch
 from distill.errors import ConfigError
 from distill.models.base import ClassifierModel
 
@@ -124,14 +122,6 @@ def apply_speed_options(module: nn.Module, channels_last: bool = False, compile:
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-def warn_cuda_graph_skip(reason: str) -> None:
-    """One warning for a compiled graph that torch runs without its CUDA graph, with torch's reason."""
-    reason = (reason.strip().splitlines() or ["an unstated reason"])[0]  # torch may append a stack trace
-    rank_zero_warn(f"torch.compile runs a graph of this run without a CUDA graph, because of {reason}. The run stays "
-                   "correct, but that graph's kernels are launched one by one, as in eager mode. TORCH_LOGS=cudagraphs "
-                   "shows where it happened.", category=UserWarning)
-
-
 class SpeedOptions(Callback):
     """Applies :func:`apply_speed_options` to the method's networks when ``fit``/``validate``/``test`` starts, and
     asks every optimiser the method builds for its fused kernel.
@@ -144,11 +134,6 @@ class SpeedOptions(Callback):
             :class:`distill.optim.DecoupledAdamW`): one kernel per update step for all parameters instead of a few
             multi-tensor ones, the same update up to rounding; what remains of a step outside CUDA graphs is launches,
             so this counts. An optimiser without a ``fused`` argument is a :class:`~distill.errors.ConfigError`.
-
-    With a CUDA-graph mode (``reduce-overhead``, ``max-autotune``) it watches what torch does
-    (:class:`distill.compile_watch.CompileWatch`) and warns, once per reason, when torch runs a compiled graph
-    without its CUDA graph: torch itself says so only with ``TORCH_LOGS=cudagraphs``, and such a run is correct
-    but launches every kernel again. (On a CPU no graph has a CUDA graph; torch logs no reason there.)
     """
 
     def __init__(self, channels_last: bool = False, compile: bool | str = False,
@@ -159,25 +144,11 @@ class SpeedOptions(Callback):
         self.compile = compile
         self.fused_optimizer = fused_optimizer
         self._applied: set[int] = set()
-        self._watch: CompileWatch | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if id(pl_module) not in self._applied:
             apply_speed_options(pl_module, self.channels_last, self.compile)
             self._applied.add(id(pl_module))
-        if self._cuda_graphs and self._watch is None:
-            self._watch = CompileWatch(on_skip=warn_cuda_graph_skip).start()
-
-    def _stop_watching(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._stop_watching()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._stop_watching()  # Lightning skips teardown after an exception
 
     def _new_step(self) -> None:
         # A CUDA-graph replay overwrites the previous replay's outputs; marking each step's start tells torch

@@ -3,14 +3,14 @@ graphs torch chose not to capture, with its reasons.
 
 A run compiled with ``mode="reduce-overhead"`` that loses its CUDA graphs (an input mutated outside the graph, a
 CPU tensor in the graph, a dynamic shape, ...) still trains correctly, but every kernel is launched one by one
-again: at CIFAR batch sizes that is most of the speed the mode exists for. torch says so only through a logging
-artifact that is off by default (``TORCH_LOGS=cudagraphs``) and a private counter, so a researcher would see a
-slow run and no reason. :class:`CompileWatch` collects both; :class:`distill.callbacks.SpeedOptions` warns with
-the reason, and the GPU suite records them per row.
+again: at CIFAR batch sizes that is most of the speed the mode exists for. torch says so in a log line on stderr
+(its ``cudagraphs`` logging artifact) and counts it in a private counter; :class:`CompileWatch` collects both for
+one block, so that the GPU suite records, per row, how many graphs a compiled row had, whether any ran without a
+CUDA graph, and torch's reason, in its JSON and its table rather than somewhere in the machine's stderr.
 
 This module is the one place that reads torch's private compile state: ``torch._dynamo.utils.counters`` and the
-logger of ``torch._inductor.cudagraph_utils``. ``tests/test_compile_watch.py`` checks both against the pinned
-torch, so a rename fails a test instead of silently reporting nothing.
+logger of ``torch._inductor.cudagraph_utils`` (with ``torch._inductor``'s as a fallback, to which it propagates).
+``tests/test_compile_watch.py`` checks both against the pinned torch, calling torch's own skip logger.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
 
 #: The message torch starts each CUDA-graph skip with; the reason follows it.
 SKIP_PREFIX = "skipping cudagraphs due to "
@@ -33,7 +32,8 @@ def _counters() -> dict[str, Counter]:
 def _cudagraph_logger() -> logging.Logger:
     from torch._inductor import cudagraph_utils
 
-    return cudagraph_utils.cudagraphs_log
+    logger = getattr(cudagraph_utils, "cudagraphs_log", None)
+    return logger if isinstance(logger, logging.Logger) else logging.getLogger("torch._inductor")
 
 
 @dataclass
@@ -58,42 +58,32 @@ class CompileReport:
                 "cudagraph_skip_reasons": list(self.skip_reasons)}
 
 
-class _SkipHandler(logging.Handler):
-    def __init__(self, on_reason: Callable[[str], None]) -> None:
+class _SkipReasons(logging.Handler):
+    """Keeps the reason of each CUDA-graph skip torch logs, each once, in order."""
+
+    def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
-        self.on_reason = on_reason
+        self.reasons: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message.startswith(SKIP_PREFIX):
-            self.on_reason(message[len(SKIP_PREFIX):].strip())
+        reason = message[len(SKIP_PREFIX):].strip() if message.startswith(SKIP_PREFIX) else None
+        if reason is not None and reason not in self.reasons:
+            self.reasons.append(reason)
 
 
 class CompileWatch:
-    """Counts what torch.compile does between :meth:`start` and :meth:`stop` (or inside ``with``).
+    """Counts what torch.compile does between :meth:`start` and :meth:`stop` (or inside ``with``)."""
 
-    Args:
-        on_skip: called with each new CUDA-graph skip reason as torch logs it (once per distinct reason), e.g. to
-            warn at once rather than after the run.
-    """
-
-    def __init__(self, on_skip: Callable[[str], None] | None = None) -> None:
-        self.on_skip = on_skip
+    def __init__(self) -> None:
         self._before: dict[str, Counter] | None = None
-        self._handler: _SkipHandler | None = None
-        self._reasons: list[str] = []
+        self._handler: _SkipReasons | None = None
         self.report = CompileReport()
-
-    def _reason(self, reason: str) -> None:
-        if reason not in self._reasons:
-            self._reasons.append(reason)
-            if self.on_skip is not None:
-                self.on_skip(reason)
 
     def start(self) -> "CompileWatch":
         if self._handler is None:
             self._before = {name: Counter(values) for name, values in _counters().items()}
-            self._handler = _SkipHandler(self._reason)
+            self._handler = _SkipReasons()
             _cudagraph_logger().addHandler(self._handler)
         return self
 
@@ -102,7 +92,7 @@ class CompileWatch:
         if self._handler is None or self._before is None:
             return self.report
         _cudagraph_logger().removeHandler(self._handler)
-        self._handler = None
+        reasons, self._handler = self._handler.reasons, None
         now, before = _counters(), self._before
 
         def added(group: str) -> Counter:
@@ -113,7 +103,7 @@ class CompileWatch:
             breaks[str(reason).strip().splitlines()[0]] += count
         self.report = CompileReport(graphs=added("stats")["unique_graphs"], graph_breaks=dict(breaks),
                                     cudagraph_skips=added("inductor")["cudagraph_skips"],
-                                    skip_reasons=list(self._reasons))
+                                    skip_reasons=reasons)
         return self.report
 
     def __enter__(self) -> "CompileWatch":

@@ -3,14 +3,10 @@ rename fails here instead of the GPU runs silently reporting no CUDA-graph skips
 
 from __future__ import annotations
 
-import warnings
-
-import pytest
 import torch
 from torch import nn
 from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
-from distill.callbacks import SpeedOptions
 from distill.compile_watch import CompileWatch
 
 
@@ -34,16 +30,16 @@ def test_the_watch_counts_the_graphs_and_graph_breaks_of_a_compiled_function():
 
 
 def test_the_watch_takes_torchs_reasons_for_skipping_cuda_graphs_from_its_log():
-    seen = []
-    with CompileWatch(on_skip=seen.append) as watch:
+    with CompileWatch() as watch:
         log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (2 instances)")
         log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (2 instances)")
         log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to cpu device (arg0_1)")
+    reasons = ["mutated inputs (2 instances)", "cpu device (arg0_1)"]
     assert watch.report.cudagraph_skips == 3
-    assert watch.report.skip_reasons == seen == ["mutated inputs (2 instances)", "cpu device (arg0_1)"]
+    assert watch.report.skip_reasons == reasons
     log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to dynamic shapes")
-    assert seen == ["mutated inputs (2 instances)", "cpu device (arg0_1)"]  # detached at the end of the watch
-    assert watch.report.as_record()["cudagraph_skip_reasons"] == seen
+    assert watch.stop().skip_reasons == reasons  # detached at the end of the watch
+    assert watch.report.as_record()["cudagraph_skip_reasons"] == reasons
 
 
 def test_the_watch_counts_the_cuda_graphs_that_a_cpu_compile_cannot_capture():
@@ -57,35 +53,3 @@ def test_the_watch_counts_the_cuda_graphs_that_a_cpu_compile_cannot_capture():
     assert watch.report.graphs == 2
     assert watch.report.cudagraph_skips == 2
     assert watch.report.skip_reasons == []
-
-
-@pytest.mark.parametrize("compile_mode", ["reduce-overhead", "default"])
-def test_speed_options_warns_once_per_reason_when_torch_runs_a_graph_without_its_cuda_graph(compile_mode):
-    speed = SpeedOptions(compile=compile_mode)
-    module = nn.Sequential(nn.Linear(4, 3))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        speed.setup(None, module, "fit")
-        for _ in range(2):
-            log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)\n\nFound from:\n"
-                                                "   File model.py, line 3")
-        speed.teardown(None, module, "fit")
-        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to dynamic shapes")  # after the run
-    messages = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
-    if compile_mode == "default":  # no CUDA graphs asked for, nothing to watch
-        assert messages == []
-        return
-    assert len(messages) == 1
-    assert "because of mutated inputs (1 instances)." in messages[0] and "Found from" not in messages[0]
-    assert "TORCH_LOGS=cudagraphs" in messages[0]
-
-
-def test_speed_options_stops_watching_when_the_fit_fails():
-    speed = SpeedOptions(compile="reduce-overhead")
-    module = nn.Sequential(nn.Linear(4, 3))
-    speed.setup(None, module, "fit")
-    speed.on_exception(None, module, RuntimeError("a failing step"))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
-    assert not [w for w in caught if "CUDA graph" in str(w.message)]
