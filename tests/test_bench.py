@@ -431,10 +431,35 @@ def test_the_gpu_suite_runs_its_rows_on_a_cpu_and_writes_json_and_markdown(tmp_p
     assert rows["BaselineKD+views on tiny_mlp, batch 16"]["views"] == 18  # 8 px: pad 1, 3 x 3 offsets x 2 flips
     assert rows["2 × Supervised on tiny_mlp, batch 16"]["images_per_s"] > 0
     saved = json.loads(out.read_text())
-    assert saved["failures"] == [] and len(saved["records"]) == len(records)
+    assert saved["failures"] == [] and len(saved["records"]) == len(records) and saved["finished"] is True
     table = (tmp_path / "suite.md").read_text()
     assert "| 2 × Supervised on tiny_mlp, batch 16 |" in table
     assert f"| {compiled['graphs']} graphs, {compiled['cudagraph_skips']} without a CUDA graph |" in table
+
+
+def test_a_gpu_suite_killed_mid_run_leaves_the_rows_it_measured(tmp_path, monkeypatch):
+    """The device call's time limit kills the suite where it is: the JSON and Markdown written after each row keep
+    what it measured, marked unfinished."""
+    from distill.tools import gpu_suite
+
+    real, calls = gpu_suite.measure_row, []
+
+    def measure_row(*args, **kwargs):
+        calls.append(args[0].name)
+        if len(calls) == 3:  # the warm-up fit, the first row, then the kill
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_suite, "measure_row", measure_row)
+    out, table = tmp_path / "suite.json", tmp_path / "suite.md"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_suite.main(["--tiny", "--only", "Supervised on tiny_mlp, batch 16", "BaselineKD on tiny_mlp, batch 16",
+                        "--concurrent", "0", "--no-step-bounds", "--json", str(out), "--markdown", str(table)])
+    saved = json.loads(out.read_text())
+    assert saved["finished"] is False
+    assert [r["row"] for r in saved["records"]] == ["Supervised on tiny_mlp, batch 16"] == calls[1:2]
+    assert "| Supervised on tiny_mlp, batch 16 |" in table.read_text()
+    assert "had not finished" in table.read_text()
 
 
 def test_the_gpu_suite_times_the_gpus_wait_between_steps_from_events(monkeypatch):

@@ -70,7 +70,7 @@ from distill.callbacks import SpeedOptions
 from distill.compile_watch import CompileWatch
 from distill.data import DistillDataModule
 from distill.methods import BaselineKD, DistillModule
-from distill.run import child_environment
+from distill.run import child_environment, write_json_atomic
 from distill.tools import bench
 
 #: torch.compile mode of the compiled rows: "reduce-overhead" captures the compiled networks' forward and
@@ -409,6 +409,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     def out_of_time() -> bool:
         return time.perf_counter() - started > args.budget_s
 
+    def save(finished: bool = False) -> str:
+        """The JSON and Markdown as they stand, rewritten after every row: a run killed at the device's time limit
+        still leaves the rows it measured (``finished`` false)."""
+        table = markdown(records, skipped, failures, header)
+        if args.json:
+            write_json_atomic(args.json, {"header": header, "finished": finished, "records": records,
+                                          "skipped": skipped, "failures": failures})
+        if args.markdown:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(table + ("" if finished else "\n(the suite had not finished when this was written)\n"))
+        return table
+
     def run(group: list[Row], scratch: Path) -> None:
         for row in group:
             if out_of_time():
@@ -419,10 +431,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             except Exception as error:  # noqa: BLE001 - one row's failure must not cost the others
                 failures.append(f"{row.name}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}")
                 print(f"(row failed: {failures[-1]})", file=sys.stderr, flush=True)
+                save()
                 continue
             if row.method == VIEWS and not any(r["method"] == VIEWS and r["pair"] == row.pair for r in records):
                 record["cache_build_s"] = record["wall_s"]  # the first view row built the pair's cache
             records.append(record)
+            save()
             print(markdown([record], [], [], "").splitlines()[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -436,6 +450,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     records.append(measure_concurrent(small, args.concurrent, args))
                 except Exception as error:  # noqa: BLE001
                     failures.append(f"concurrent runs: {type(error).__name__}: {str(error)[-300:]}")
+                save()
         run(rest, Path(scratch))
     if args.step_bounds:
         pair = "tiny_mlp" if args.tiny else "resnet32x4_resnet8x4"
@@ -453,15 +468,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 records.append({**step, "kind": "step", "row": name})
             except Exception as error:  # noqa: BLE001
                 failures.append(f"{name}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}")
-    table = markdown(records, skipped, failures, header)
+            save()
+    table = save(finished=True)
     print(f"\n{table}\nin {time.perf_counter() - started:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"header": header, "records": records, "skipped": skipped,
-                                         "failures": failures}, indent=2))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
     if failures:
         raise SystemExit(1)
     return records
