@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import sys
@@ -231,7 +232,8 @@ class DistillCLI(LightningCLI):
         if subcommand == "fit" and evaluated is not None and (evaluated / RESULTS_FILE).is_file():
             # a finished run is never rewritten: extending it (--resume with more epochs) continues a copy of it in
             # the next version (logs and checkpoints, their paths moved there), whose results.json names the run
-            # it extends (extended_from)
+            # it extends (extended_from); with nothing more to train there is nothing to copy
+            refuse_a_fit_with_nothing_to_train(evaluated, self.config[subcommand].get("trainer") or {})
             run_dir = next_numbered_dir(evaluated.parent, "version_")
             fork_run(evaluated, run_dir, leave_out=(RESULTS_FILE, EXPORT_FILE, "latest"))
             ckpt_path = str(run_dir / Path(self._get(self.config, "ckpt_path")).relative_to(evaluated))
@@ -524,6 +526,35 @@ def worker_message(message: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+class AlreadyFinished(SystemExit):
+    """``fit --resume`` (or ``--ckpt_path``) of a finished run that the Trainer's limits would not train further:
+    nothing is copied or written, exit status 0."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0)
+        self.message = message
+
+
+def refuse_a_fit_with_nothing_to_train(run_dir: Path, trainer: Any) -> None:
+    """Raises :class:`AlreadyFinished` when continuing the finished run in ``run_dir`` under these Trainer limits would
+    take no step: Lightning stops at ``max_epochs`` or ``max_steps``, whichever comes first (``max_epochs`` 1000 when
+    neither is set, unbounded when only ``max_steps`` is). Copying the run then would only test it again."""
+    done = json.loads((run_dir / RESULTS_FILE).read_text())
+    epochs, steps = int(done.get("epochs") or 0), int(done.get("global_steps") or 0)
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if max_steps in (None, -1):
+        max_steps = None
+        max_epochs = 1000 if max_epochs is None else max_epochs
+    epochs_left = max_epochs in (None, -1) or epochs < max_epochs
+    steps_left = max_steps is None or steps < max_steps
+    if not (epochs_left and steps_left):
+        raise AlreadyFinished(
+            f"{run_dir} has finished ({epochs} epochs, {steps} steps; results in {run_dir / RESULTS_FILE}) and "
+            f"trainer.max_epochs={max_epochs}, trainer.max_steps={-1 if max_steps is None else max_steps} train it no "
+            f"further, so nothing was copied or written. To train it longer: distill fit --resume {run_dir} "
+            f"--trainer.max_epochs {epochs * 2 or 1} (any number above {epochs}).")
+
+
 #: The run directories this process made (a new run's, an extension's copy, ``test_N``), which it may remove when
 #: it stops before they hold anything to continue; never a stopped run's own directory that a resume continues.
 CLAIMED_HERE: set[Path] = set()
@@ -539,7 +570,7 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
                 sys.argv[1:] = resume_arguments(recipe_arguments(method_help_arguments(sys.argv[1:])))
                 return DistillCLI(args=None)
             return DistillCLI(args=resume_arguments(recipe_arguments(method_help_arguments(list(args)))))
-    except Preempted as stop:
+    except (Preempted, AlreadyFinished) as stop:
         print(f"distill: {stop.message}", file=sys.stderr)
         raise SystemExit(0) from None
     except Stopped as stop:

@@ -588,6 +588,25 @@ def test_a_refused_resume_names_the_command_of_a_new_run_from_its_weights_which_
     assert not (tmp_path / "runs" / "wrong").exists()
 
 
+def test_resuming_a_finished_run_that_would_train_no_further_copies_and_writes_nothing(tmp_path, capsys):
+    """`--resume` (or `--ckpt_path`) of a finished run under limits it has reached says so and exits 0, instead of
+    copying the run into a new version only to test it again (and moving `latest` there)."""
+    config = tiny_config(tmp_path, epochs=1)
+    first = Path(fit("--config", str(config), "--run_name", "x").results["run_dir"])
+    capsys.readouterr()
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "runs").rglob("*"))
+    for limits in ([], ["--trainer.max_epochs=1"], ["--trainer.max_epochs=5", "--trainer.max_steps=1"]):
+        with pytest.raises(SystemExit) as done:
+            fit("--resume", str(first), *limits)
+        err = capsys.readouterr().err
+        assert done.value.code == 0 and err.startswith(f"distill: {first} has finished (1 epochs"), limits
+        assert f"nothing was copied or written. To train it longer: distill fit --resume {first} " in err
+    with pytest.raises(SystemExit) as done:
+        fit("--config", str(first / "config.yaml"), "--ckpt_path", str(first / "checkpoints" / "last.ckpt"))
+    assert done.value.code == 0 and "has finished" in capsys.readouterr().err
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "runs").rglob("*")) == before
+
+
 def test_extending_a_finished_run_makes_a_new_version_and_latest_stays_on_the_newest(tmp_path):
     config = tiny_config(tmp_path, epochs=1)
     first = Path(fit("--config", str(config), "--run_name", "x").results["run_dir"])
