@@ -61,6 +61,15 @@ def data_fact(attribute: str, datamodule: L.LightningDataModule) -> Any:
     return value
 
 
+def check_tests_at_the_end(datamodule: L.LightningDataModule | None) -> None:
+    """``distill fit`` tests the best checkpoint when training ends: a DataModule of your own without a
+    ``test_dataloader`` is refused before anything runs, not after the whole training."""
+    if datamodule is not None and type(datamodule).test_dataloader is L.LightningDataModule.test_dataloader:
+        raise ConfigError(f"{type(datamodule).__name__} has no test_dataloader, and distill fit tests the best checkpoint "
+                          "when training ends: give it one (with no test split of your own, it may return the "
+                          "validation loader; the results then report validation images as `test`).")
+
+
 def check_trains_something(trainer: dict[str, Any]) -> None:
     """A fit that would take no optimiser step (``max_epochs 0``, ``max_steps 0``, ``limit_train_batches 0``) is
     refused: it would export an untrained network as the run's model and point ``latest`` at it."""
@@ -194,6 +203,7 @@ class DistillCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if self.config.get("subcommand") == "fit":
             check_trains_something(trainer_config)  # before a run directory is claimed
+            check_tests_at_the_end(self.datamodule)
         if isinstance(self.model, StagedModule) and "max_epochs" not in kwargs:
             # the stages say how long a staged run is; a shorter Trainer is refused before anything is written
             self.model.check_max_epochs(trainer_config.get("max_epochs"))

@@ -45,6 +45,10 @@ class Stripes(L.LightningDataModule):
 
 class Sizeless(Stripes):
     num_classes = None
+
+
+class Testless(Stripes):
+    test_dataloader = L.LightningDataModule.test_dataloader  # as a DataModule that never wrote one
 '''
 
 QUIET = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -88,6 +92,19 @@ def test_a_datamodule_without_the_facts_a_method_needs_is_one_error_before_any_r
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and error.startswith("distill: error: Sizeless has no num_classes: ")
     assert "needs the attributes num_classes, in_channels, image_size" in error
+    assert not Path("runs").exists()
+
+
+def test_a_datamodule_without_a_test_loader_is_one_error_before_training(own_datamodule, capsys):
+    """distill fit tests the best checkpoint when training ends; without a test_dataloader that used to fail there,
+    after the whole training, with no results.json."""
+    from distill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model", "Supervised", "--model.student", "mlp_30_30", "--data.class_path", "my_data.Testless",
+              *QUIET])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and error.startswith("distill: error: Testless has no test_dataloader, ")
     assert not Path("runs").exists()
 
 
