@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from distill.callbacks import PredictionWriter
 from distill.data import DistillDataModule
-from distill.errors import CheckpointError, ConfigError, DistillError, storage_error
+from distill.errors import CheckpointError, ConfigError, DataNotFoundError, DistillError, storage_error
 from distill.methods import DistillModule, StagedModule
 from distill.reliability import Preempted, Stopped, preemptible_after_training, signals_stop_the_command
 from distill.reliability.checkpoints import fork_run
@@ -260,8 +260,8 @@ class DistillCLI(LightningCLI):
             name = self._get(self.config, "run_name") or self._default_run_name()
             run_dir = next_version_dir(root, name)
         os.environ[RUN_DIR_ENV] = str(run_dir)
-        if run_dir != evaluated:
-            CLAIMED_HERE.add(run_dir)
+        if run_dir != evaluated:  # with the folder below which this command made the folders on the way to it
+            CLAIMED_HERE[run_dir] = evaluated if evaluated is not None else Path(root)
         return run_dir
 
     def before_predict(self) -> None:
@@ -524,7 +524,15 @@ def user_errors_as_exit() -> Iterator[None]:
         if user_error is None:
             raise
         print(f"distill: error: {worker_message(str(user_error))}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UserErrorExit(user_error) from None
+
+
+class UserErrorExit(SystemExit):
+    """Exit status 2 for a user error (said on stderr already), which it carries."""
+
+    def __init__(self, error: DistillError) -> None:
+        super().__init__(2)
+        self.error = error
 
 
 def worker_message(message: str) -> str:
@@ -567,7 +575,9 @@ def refuse_a_fit_with_nothing_to_train(run_dir: Path, trainer: Any) -> None:
 
 #: The run directories this process made (a new run's, an extension's copy, ``test_N``), which it may remove when
 #: it stops before they hold anything to continue; never a stopped run's own directory that a resume continues.
-CLAIMED_HERE: set[Path] = set()
+#: Each maps to the folder it was made in (a new run's: the runs root, whose folders for its name this command may
+#: have made too; a copy's or a ``test_N``'s: the run it belongs to).
+CLAIMED_HERE: dict[Path, Path] = {}
 
 
 def main(args: list[str] | None = None) -> DistillCLI | None:
@@ -586,14 +596,42 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
     except Stopped as stop:
         claimed = os.environ.get(RUN_DIR_ENV) if owns_run_dir else None
         raise SystemExit(stopped_outside_training(stop, Path(claimed) if claimed else None)) from None
+    except UserErrorExit as refused:
+        claimed = os.environ.get(RUN_DIR_ENV) if owns_run_dir else None
+        if claimed and isinstance(refused.error, (ConfigError, DataNotFoundError)):
+            give_back_unstarted_run_dir(Path(claimed))
+        raise
     finally:
         if owns_run_dir:
             claimed = os.environ.pop(RUN_DIR_ENV, None)
             # a run that stopped before writing anything gives back the version directory it claimed
             if claimed and Path(claimed).is_dir() and not any(Path(claimed).iterdir()):
                 Path(claimed).rmdir()
+            if claimed and not Path(claimed).exists() and Path(claimed) in CLAIMED_HERE:
+                remove_empty_folders(Path(claimed).parent, below=CLAIMED_HERE[Path(claimed)])
             if claimed:
-                CLAIMED_HERE.discard(Path(claimed))
+                CLAIMED_HERE.pop(Path(claimed), None)
+
+
+def give_back_unstarted_run_dir(run_dir: Path) -> None:
+    """A run directory this command made, for a run refused by its config or data once the Trainer was built (a
+    warm-up longer than the run, a data set that cannot be downloaded): with no checkpoint and no results it holds
+    only what the refused start wrote (its config.yaml, an empty event file), and goes, as if never claimed."""
+    if run_dir in CLAIMED_HERE and run_dir.is_dir() and not has_checkpoint(run_dir) and not (run_dir / RESULTS_FILE).exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def remove_empty_folders(folder: Path, below: Path) -> None:
+    """``folder`` and its parents while they are empty, up to (not including) ``below``: the folders of a run's name
+    (``runs/cifar100/teacher-resnet32x4``) that a refused first run of that name leaves with nothing in them."""
+    below = below.resolve()
+    while folder.resolve() != below and below in folder.resolve().parents:
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        if folder.exists():
+            return
+        folder = folder.parent
 
 
 def stopped_outside_training(stop: Stopped, run_dir: Path | None) -> int:

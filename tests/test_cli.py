@@ -82,6 +82,12 @@ BAD_INPUTS = {
     # found in setup, after the run directory was claimed
     "teacher cache with augmentation": (["--model.init_args.cache_teacher_outputs", "true", "--data.augment", "jitter"],
                                         "cache_teacher_outputs"),
+    # found when the optimiser is built, inside fit, after the run's config.yaml and event file were written
+    "warm-up longer than the run": (["--model.init_args.lr_scheduler=distill.optim.WarmupCosine",
+                                     "--model.init_args.lr_scheduler.warmup_steps=100000"], "warmup_steps=100000"),
+    # found in prepare_data, inside fit (offline: the download fails)
+    "data set to download": (["--data.dataset", "cifar100", "--data.data_dir", "nowhere", "--data.download", "true",
+                              "--model.init_args.teacher", "none.safetensors", "--model", "Supervised"], "cifar100"),
 }
 
 
@@ -104,6 +110,18 @@ def test_runs_of_one_name_started_at_once_claim_distinct_version_directories(tmp
         thread.join()
     assert sorted(p.name for p in claimed) == sorted(f"version_{n}" for n in range(4, 16))
     assert all(p.is_dir() and not any(p.iterdir()) for p in claimed)
+
+
+@pytest.mark.parametrize("case", ["warm-up longer than the run", "data set to download"])
+def test_the_first_run_of_a_name_refused_inside_fit_leaves_no_folder_of_that_name(case, tmp_path, capsys):
+    """Refused after its run directory (and the folders of its name) were made: the refusal takes them all back, so
+    that no empty runs/<data set>/<name>/ is left; the runs root itself stays."""
+    args, expected = BAD_INPUTS[case]
+    write_teacher(tmp_path / "teacher.safetensors", model="mlp_1200_1200", in_channels=1, image_size=28)
+    with pytest.raises(SystemExit) as exit_info:
+        fit("mnist5k/kd.yaml", "--model.init_args.teacher", "teacher.safetensors", "--run_name", "deep/name/kd", *args)
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == []
 
 
 def test_a_run_stopped_before_writing_anything_gives_back_its_version_directory(monkeypatch, existing_run, capsys):
