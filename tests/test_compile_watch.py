@@ -1,4 +1,4 @@
-"""distill.compile_watch reads torch's private compile state; these tests hold it to the pinned torch, so that a
+"""distill.tools.compile_watch reads torch's private compile state; these tests hold it to the pinned torch, so that a
 rename fails here instead of the GPU runs silently reporting no CUDA-graph skips."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
-from distill.compile_watch import CompileWatch
+from distill.tools.compile_watch import CompileWatch
 
 
 def test_the_watch_counts_the_graphs_and_graph_breaks_of_a_compiled_function():

@@ -28,7 +28,7 @@ what the loop sustains:
   ``torch.cuda.set_sync_debug_mode("warn")`` (the loss reads every 16 steps are expected; CUDA only);
 * ``peak_memory_mb``: ``torch.cuda.max_memory_allocated`` of the row;
 * ``graphs``, ``graph_breaks``, ``cudagraph_skips`` and their reasons: what torch.compile did during the row
-  (:class:`distill.compile_watch.CompileWatch`), so that a compiled row whose graphs ran without their CUDA graphs
+  (:class:`distill.tools.compile_watch.CompileWatch`), so that a compiled row whose graphs ran without their CUDA graphs
   says so, and why, in the table's note.
 
 Rows (:func:`suite_rows`), in the order they run, the ones issue 20's targets name first: on resnet32x4 →
@@ -67,7 +67,7 @@ import lightning as L
 import torch
 
 from distill.callbacks import SpeedOptions
-from distill.compile_watch import CompileWatch
+from distill.tools.compile_watch import CompileWatch
 from distill.data import DistillDataModule
 from distill.methods import BaselineKD, DistillModule
 from distill.run import child_environment, write_json_atomic
