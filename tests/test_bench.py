@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.tools import bench
 from distill.tools.bench import REQUIRED_KEYS, main
 from distill.data import DistillDataModule
 from distill.data.resident import BatchAugment
@@ -492,3 +493,19 @@ def test_the_gpu_suite_times_the_gpus_wait_between_steps_from_events(monkeypatch
     # the two 50 ms gaps, and not the steps' 20 ms (0.16 s with them)
     assert 0.1 <= timer.device_wait < 0.15, timer.device_wait
     assert timer.steps == 3 and trainer.should_stop
+
+
+def test_the_full_loop_rows_on_cifar10_jpeg_need_its_copy_and_say_so_before_any_row(tmp_path, monkeypatch):
+    """Asked for explicitly, a missing CIFAR-10 JPEG copy is one error before the step rows (it used to end a long
+    run with a traceback and no JSON); by default its rows are left out with a note."""
+    from distill.errors import DataNotFoundError
+
+    missing, present = tmp_path / "none", tmp_path / "cifar"
+    (present / "train").mkdir(parents=True)
+    assert bench.parse_args(["--cifar-jpeg-dir", str(missing)]).fit == ["mnist5k"]
+    assert bench.parse_args(["--cifar-jpeg-dir", str(present)]).fit == ["mnist5k", "cifar10-jpeg"]
+    assert bench.parse_args(["--quick", "--cifar-jpeg-dir", str(missing)]).fit == []
+    monkeypatch.setattr(bench, "run", lambda *args: pytest.fail("a row ran before the data check"))
+    with pytest.raises(DataNotFoundError, match=f"--fit cifar10-jpeg needs the CIFAR-10 JPEG copy .* at {missing}"):
+        bench.main(["--pairs", "--fit", "cifar10-jpeg", "--cifar-jpeg-dir", str(missing), "--json",
+                    str(tmp_path / "out.json")])

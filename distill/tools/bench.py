@@ -76,6 +76,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from distill import teacher_cache
+from distill.errors import DataNotFoundError
 from distill.losses import hinton_kd_objective, kd_loss
 from distill.methods import (METHODS, BaselineKD, DistillModule, PatientConsistentKD, ResidualKD, Supervised,
                              TeacherAssistantKD, TeacherStudentModule, TrainingBatch)
@@ -912,8 +913,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (3 if full else 1)
     if args.scaling_batch_sizes is None:
         args.scaling_batch_sizes = [32, 128, 256] if full else []
+    cifar_here = (Path(args.cifar_jpeg_dir) / "train").is_dir()
     if args.fit is None:
-        args.fit = ["mnist5k", "cifar10-jpeg"] if full else []
+        args.fit = (["mnist5k", "cifar10-jpeg"] if cifar_here else ["mnist5k"]) if full else []
+        if full and not cifar_here:
+            print(f"(no cifar10-jpeg full-loop rows: no CIFAR-10 JPEG copy at {args.cifar_jpeg_dir}; "
+                  "--cifar-jpeg-dir names another)", file=sys.stderr)
+    elif "cifar10-jpeg" in args.fit and not cifar_here:  # found now, not after an hour of step rows
+        raise DataNotFoundError(f"--fit cifar10-jpeg needs the CIFAR-10 JPEG copy (ImageFolder layout, train/ and "
+                                f"test/) at {args.cifar_jpeg_dir}: unpack it there (mkdir -p data && tar -xzf "
+                                "cifar10-jpeg.tar.gz -C data), name it with --cifar-jpeg-dir, or leave cifar10-jpeg out "
+                                "of --fit.")
     if args.ddp is None:
         args.ddp = full
     if args.isolate is None:
