@@ -243,7 +243,7 @@ class RunGuard(Callback):
         checkpoint = trainer.checkpoint_callback
         directory = getattr(checkpoint, "dirpath", None) or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
         path = str(Path(directory) / "last.ckpt")
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state: a resume continues from it
         self._stop(trainer, path)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
