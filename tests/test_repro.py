@@ -225,7 +225,8 @@ def test_a_failed_job_skips_its_dependents_only(experiment, capsys):
     bad_teacher = {**TEACHER, "set": {"trainer.max_epochs": "many"}}  # distill fit rejects it: exit code 2
     solo = {"name": "solo", "config": "configs/teacher.yaml", "seeds": [1]}
     path = _small_experiment(experiment, [bad_teacher, {**STUDENT, "seeds": [0]}, solo])
-    with pytest.raises(SystemExit, match="teacher seed 0 .exit code 2, log .*teacher/seed0.log") as stopped:
+    with pytest.raises(SystemExit, match="teacher seed 0 .exit code 2: distill: error: .*max_epochs.*; "
+                                         "log .*teacher/seed0.log") as stopped:
         repro.main([str(path), "--jobs", "2"])
     assert stopped.value.code != 0
     out = capsys.readouterr().out
@@ -234,6 +235,14 @@ def test_a_failed_job_skips_its_dependents_only(experiment, capsys):
     assert sorted(repro.finished_runs(Path("runs/repro"), "tiny", "solo")) == [1]
     assert "max_epochs" in Path("runs/repro/tiny/teacher/seed0.log").read_text()
     assert "**Incomplete**: not yet run: teacher seed 0, kd_t1 seed 0." in Path("results/tiny.md").read_text()
+
+
+def test_an_experiment_whose_every_run_failed_says_why_rather_than_that_it_has_no_run(experiment):
+    bad_teacher = {**TEACHER, "set": {"trainer.max_epochs": "many"}}
+    path = _small_experiment(experiment, [bad_teacher])
+    with pytest.raises(SystemExit, match=r"^\[repro\] no run finished; 1 failed: teacher seed 0 .exit code 2: "
+                                         "distill: error: .*max_epochs"):
+        repro.main([str(path), "--jobs", "2"])
 
 
 def test_jobs_below_one_is_one_error_before_any_run(experiment):

@@ -251,6 +251,12 @@ class _Job:
         self.started = time.time()
         print(f"[repro] {self.name} seed {seed}: started, log {self.log}", flush=True)
 
+    def error(self) -> str:
+        """The run's own last line of error (``distill: error: ...``, or a traceback's last line) from its log."""
+        lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        said = [line for line in lines if line.startswith("distill: error: ")]
+        return (said or lines[-1:] or ["no output"])[-1]
+
     def finished(self) -> int | None:
         """The exit code once the run is over (and its line printed), else None."""
         code = self.process.poll()
@@ -316,7 +322,7 @@ def run_parallel(spec: Mapping[str, Any], runs_root: Path, only: Sequence[str] |
                 running.remove(job)
                 if code != 0:
                     failed.add(job.name)
-                    failures.append(f"{job.name} seed {job.seed} (exit code {code}, log {job.log})")
+                    failures.append(f"{job.name} seed {job.seed} (exit code {code}: {job.error()}; log {job.log})")
             if running:
                 time.sleep(0.1)
     finally:  # on an interrupt or error here, no run goes on unattended
@@ -506,7 +512,12 @@ def main(argv: list[str] | None = None) -> Path:
     failures = [] if args.report_only else run_experiment(spec, runs_root, args.only, args.jobs)
     # the command that makes every run of the page (not --only/--report-only, which redo part of it)
     command = f"distill repro {args.experiment}" + (f" --runs-root {runs_root}" if args.runs_root != "runs/repro" else "")
-    page = write_page(spec, runs_root, Path(args.results), command)
+    try:
+        page = write_page(spec, runs_root, Path(args.results), command)
+    except ConfigError:
+        if failures:  # no run finished: the failures are the news, not the empty page
+            raise SystemExit(f"[repro] no run finished; {len(failures)} failed: " + "; ".join(failures)) from None
+        raise
     print(f"[repro] {spec['name']}: {page} ({(time.time() - started) / 60:.1f} min); "
           "`distill claims-index` carries its Claims table into the README's summary")
     if failures:  # after the page, which shows what did finish
