@@ -10,8 +10,10 @@ These functions are what the CLI calls after ``Trainer.fit``; notebooks call the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import re
 import time
 import warnings
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -217,6 +220,7 @@ def finish_fit(
         "started_at": round(started, 3),
         "finished_at": round(finished, 3),
         "seed": seed,
+        "machine": machine(trainer),
         "resumed_from": resumed_from,
         "best_checkpoint": best_path or None,
         "model_file": str(run_dir / EXPORT_FILE),
@@ -290,6 +294,24 @@ def _end_of_schedule(trainer: L.Trainer, model: DistillModule, fit_epochs: int,
     return {"epoch": fit_epochs, "global_step": trainer.global_step,
             "val_acc": _plain(validated[1]) if final else None,
             "test_acc": (test_metrics or {}).get("test/acc"), "test": test_metrics}
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows of it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return " ".join(line.split(":", 1)[1].split())
+    return platform.processor() or platform.machine()
+
+
+def machine(trainer: L.Trainer) -> dict[str, Any]:
+    """Where a run trained, for its results.json: the same config and seed can give a few tenths of a point apart
+    on another processor (floating-point sums in another order), so a result names its machine."""
+    device = trainer.strategy.root_device
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "accelerator": accelerator, "devices": trainer.world_size,
+            "torch": torch.__version__, "lightning": L.__version__}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

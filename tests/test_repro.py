@@ -12,7 +12,7 @@ import yaml
 from distill.tools import repro
 from distill.tools.class_bias import choose_bias, shifted_predictions
 from distill.errors import ConfigError
-from distill.run import data_arguments
+from distill.run import cpu_model, data_arguments
 
 CONFIG = """
 trainer: {max_epochs: 2, limit_train_batches: 2, limit_val_batches: 1, limit_test_batches: 1}
@@ -76,11 +76,21 @@ def test_experiment_runs_resumes_and_writes_its_page(experiment, capsys):
     assert "runs at once" not in text
     assert runs[0]["train_images"] == 2 * 2 * 16  # max_epochs × limit_train_batches × batch_size
     assert runs[0]["started_at"] < runs[0]["finished_at"] <= runs[1]["started_at"]
+    assert runs[0]["machine"]["cpu"] == cpu_model() and runs[0]["machine"]["accelerator"] is None
+    assert f"Runs trained on: {cpu_model()} (4 runs)." in text  # teacher, kd_t1 × 2, kd_t4_no0
     # a second call finds every (config, seed) finished and runs nothing
     capsys.readouterr()
     repro.main([str(experiment)])
     assert "[repro] kd_t1" not in capsys.readouterr().out
     assert len(list(Path("runs/repro/tiny/kd_t1").glob("version_*"))) == 2
+
+
+def test_a_page_names_the_processors_its_runs_trained_on():
+    runs = [{"machine": {"cpu": "AMD EPYC", "accelerator": None}}] * 2 + [
+        {"machine": {"cpu": "AMD EPYC", "accelerator": "NVIDIA H200"}}, {"seed": 0}]
+    assert repro.run_processors(runs) == ("Runs trained on: AMD EPYC (2 runs); NVIDIA H200 (1 run); "
+                                          "1 from before runs recorded it.")
+    assert repro.run_processors([{"seed": 0}]) == "The runs do not record their processor."
 
 
 def test_report_only_marks_missing_runs(experiment):

@@ -51,6 +51,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -418,6 +419,17 @@ def _machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def run_processors(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Which processors the runs trained on (results.json's ``machine``): the same config and seed can land a few
+    tenths of a point apart on another one, so a page says where its numbers came from."""
+    counts = Counter((run.get("machine") or {}).get("accelerator") or (run.get("machine") or {}).get("cpu")
+                     for run in runs)
+    known = [f"{name} ({count} run{'s' if count != 1 else ''})" for name, count in counts.items() if name]
+    unknown = counts.get(None, 0)
+    said = f"Runs trained on: {'; '.join(known)}" if known else "The runs do not record their processor"
+    return said + (f"; {unknown} from before runs recorded it." if known and unknown else ".")
+
+
 def concurrency(runs: Sequence[Mapping[str, Any]]) -> str | None:
     """What running several runs at once (``--jobs``) bought: the runs' training images over the elapsed time
     they covered (the union of their wall-clock spans), against the same images over their summed wall time.
@@ -456,7 +468,8 @@ def write_page(spec: Mapping[str, Any], runs_root: Path, results_dir: Path, comm
                if seed not in {run.get("seed") for run in runs[entry["name"]]}]
     wall = sum(run.get("wall_time_s") or 0.0 for run in everything)
     lines = [f"# {spec['title']}", "", f"Produced by `{command}` from {len(everything)} runs under "
-             f"`{runs_root / spec['name']}`; total training wall time {wall / 60:.1f} min on {_machine()}.", ""]
+             f"`{runs_root / spec['name']}`; total training wall time {wall / 60:.1f} min on {_machine()}. "
+             f"{run_processors(everything)}", ""]
     overlap = concurrency(everything)
     if overlap:
         lines += [overlap, ""]
