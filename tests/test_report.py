@@ -245,3 +245,20 @@ def test_long_run_labels_wrap_and_the_legend_fits_in_the_saved_image(runs_root, 
     assert box.width <= figure.get_figwidth()  # no wider than the plot
     png = report.plot_curves(long, tmp_path / "long.png", "val/acc")
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_seed_run_twice_counts_once_and_the_repeat_is_named(tmp_path):
+    """The same command run again (or a copy of a run) is no second sample: n counts seeds, the statistics use the
+    newest run of each seed, and the runs column names the repeats it left out."""
+    def run(seed: int, test_acc: float, version: int) -> dict:
+        return {"method": "BaselineKD", "student": "s", "teacher": {"model": "t"}, "seed": seed, "test_acc": test_acc,
+                "best_val_acc": test_acc, "dir": str(tmp_path / f"kd/version_{version}"),
+                "config": {"seed_everything": seed}}
+
+    runs = [run(0, 0.90, 0), run(0, 0.90, 1), run(1, 0.94, 2), run(0, 0.92, 3)]
+    (row,) = table_rows(report.summary_table(runs))
+    assert row["n"] == "2" and row["seeds"] == "1, 0"
+    assert row["test acc (%)"] == f"93.00 ± {statistics.stdev([94.0, 92.0]):.2f}"  # seed 0's newest run: 92
+    assert row["runs"] == "version_2, version_3 (not counted, a seed counted already: version_0, version_1)"
+    no_seed = [{**run(0, 0.90, 4), "seed": None}, {**run(0, 0.80, 5), "seed": None}]
+    assert table_rows(report.summary_table(no_seed))[0]["n"] == "2"

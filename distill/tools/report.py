@@ -223,6 +223,26 @@ def group_runs(runs: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]
     return list(groups.values())
 
 
+def one_run_per_seed(group: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """``(counted, repeats)``: the runs of one experiment with one run per seed, the newest (the last given; runs come
+    in run-directory order), and the others. A second run of a seed (the same command again, a copy of a run) is no
+    second sample: on one machine it gives the same numbers, and counting it would shrink the spread. Runs with no
+    recorded seed all count."""
+    newest: dict[Any, Mapping[str, Any]] = {}
+    for index, run in enumerate(group):
+        newest[run.get("seed") if run.get("seed") is not None else ("no seed", index)] = run
+    counted = [run for run in group if any(run is kept for kept in newest.values())]
+    return counted, [run for run in group if not any(run is kept for kept in counted)]
+
+
+def _runs_cell(names: Mapping[int, str], counted: Sequence[Mapping[str, Any]],
+               repeats: Sequence[Mapping[str, Any]]) -> str:
+    cell = ", ".join(names[id(run)] for run in counted)
+    if repeats:
+        cell += f" (not counted, a seed counted already: {', '.join(names[id(run)] for run in repeats)})"
+    return cell
+
+
 def mean_std(values: Sequence[float | None]) -> tuple[float, float | None, int] | None:
     """Mean, sample standard deviation (n − 1; ``None`` for one value) and count of the known values."""
     known = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -280,11 +300,12 @@ def summary_table(runs: Sequence[Mapping[str, Any]]) -> str:
     epochs trained, wall time of the whole fit (test included), training images per second, and
     the run directories. Accuracies are shown in percent with two decimals; ``std`` is the sample
     standard deviation (n − 1), the usual choice for a handful of seeds. Runs are grouped by
-    :func:`config_key`.
+    :func:`config_key`, with one run per seed (:func:`one_run_per_seed`; the others are named, not counted).
     """
     names = _run_names(runs)
     rows = []
     for group in group_runs(runs):
+        group, repeats = one_run_per_seed(group)
         first = group[0]
         seeds = [run.get("seed") for run in group]
         cells = [
@@ -300,7 +321,7 @@ def summary_table(runs: Sequence[Mapping[str, Any]]) -> str:
             else format_stat([run.get("epochs") for run in group], digits=1),
             format_stat([run.get("wall_time_s") for run in group], digits=1),
             format_stat([run.get("train_images_per_s") for run in group], digits=0),
-            ", ".join(names[id(run)] for run in group),
+            _runs_cell(names, group, repeats),
         ]
         rows.append(cells)
     return markdown_table(TABLE_COLUMNS, rows)
@@ -327,7 +348,7 @@ def stage_table(runs: Sequence[Mapping[str, Any]]) -> str:
     names = _run_names(runs)
     rows = []
     for group in group_runs(runs):
-        staged = [run for run in group if run.get("stages")]
+        staged, repeats = one_run_per_seed([run for run in group if run.get("stages")])
         if not staged:
             continue
         for position, first_stage in enumerate(staged[0]["stages"]):
@@ -341,7 +362,7 @@ def stage_table(runs: Sequence[Mapping[str, Any]]) -> str:
                 format_stat([stage.get("best_val_acc") for stage in stages], 100),
                 format_stat([stage.get("test_acc") for stage in stages], 100),
                 format_stat([_stage_agreement(stage) for stage in stages], 100),
-                ", ".join(names[id(run)] for run in staged),
+                _runs_cell(names, staged, repeats),
             ]
             rows.append(cells)
     return markdown_table(STAGE_COLUMNS, rows) if rows else ""
