@@ -67,11 +67,11 @@ import lightning as L
 import torch
 
 from distill.callbacks import SpeedOptions
-from distill.tools.compile_watch import CompileWatch
 from distill.data import DistillDataModule
 from distill.methods import BaselineKD, DistillModule
 from distill.run import child_environment, write_json_atomic
 from distill.tools import bench
+from distill.tools.compile_watch import CompileWatch
 
 #: torch.compile mode of the compiled rows: "reduce-overhead" captures the compiled networks' forward and
 #: backward passes in CUDA graphs (the step is launch-bound at batch 64).
