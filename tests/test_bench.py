@@ -415,10 +415,11 @@ def test_the_gpu_suite_runs_its_rows_on_a_cpu_and_writes_json_and_markdown(tmp_p
                               "Supervised on tiny_mlp, batch 16", "--concurrent", "2", "--no-step-bounds",
                               "--json", str(out), "--markdown", str(tmp_path / "suite.md")])
     rows = {r["row"]: r for r in records}
-    # the rows issue 20's targets name, then the concurrent runs (a target too), then the others
-    order = [r["row"] for r in records]
-    assert order.index("2 × Supervised on tiny_mlp, batch 16") == 4
-    assert order[-1] == "ResidualKD/assistant on tiny_mlp, batch 16"
+    # the quick rows issue 20's targets name, the concurrent runs (a target too), the cache rows, then the others
+    assert [r["row"] for r in records] == [
+        "Supervised on tiny_mlp, batch 16", "Supervised on tiny_mlp, batch 16, compiled (reduce-overhead)",
+        "2 × Supervised on tiny_mlp, batch 16", "BaselineKD+views on tiny_mlp, batch 16",
+        "BaselineKD+views on tiny_mlp, batch 16, compiled (reduce-overhead)", "ResidualKD/assistant on tiny_mlp, batch 16"]
     assert set(rows) == {"BaselineKD+views on tiny_mlp, batch 16", "ResidualKD/assistant on tiny_mlp, batch 16",
                          "BaselineKD+views on tiny_mlp, batch 16, compiled (reduce-overhead)",
                          "Supervised on tiny_mlp, batch 16", "Supervised on tiny_mlp, batch 16, compiled (reduce-overhead)",

@@ -31,17 +31,17 @@ what the loop sustains:
   (:class:`distill.tools.compile_watch.CompileWatch`), so that a compiled row whose graphs ran without their CUDA graphs
   says so, and why, in the table's note.
 
-Rows (:func:`suite_rows`), in the order they run, the ones issue 20's targets name first: on resnet32x4 →
-resnet8x4, Supervised and BaselineKD online and with the every-view teacher cache (its one-off build is timed as
-``cache_build_s``) at batch 64, eager, then the same compiled (``torch.compile`` of every network in
-:data:`COMPILE_MODE`, through :class:`distill.callbacks.SpeedOptions`; the timed batches all have the same
-shape), and BaselineKD online and cached compiled at batch 256. Then ``--concurrent N`` copies of a small-student
-row (Supervised resnet8x4, batch 64) run at once in separate processes on the same GPU: their summed images/s
-against one run's (``kind: "concurrent"``: all their timed images over the wall time from the first timed epoch's
-start to the last one's end, after a barrier that starts them together). Then the others, eager: Supervised and
-BaselineKD (online, cached) at batch 256; each TeacherAssistantKD stage, each ResidualKD stage and
-PatientConsistentKD function matching at batch 64; Supervised and BaselineKD (online, cached) on resnet56 →
-resnet20 at batch 64. Finally the step benchmark's plain-torch bound of BaselineKD, eager and compiled
+Rows (:func:`suite_rows`), in the order they run, the quick ones that issue 20's targets name first: on
+resnet32x4 → resnet8x4 at batch 64, Supervised and BaselineKD eager, then the same compiled (``torch.compile`` of
+every network in :data:`COMPILE_MODE`, through :class:`distill.callbacks.SpeedOptions`; the timed batches all have
+the same shape), and BaselineKD compiled at batch 256. Then ``--concurrent N`` copies of a small-student row
+(Supervised resnet8x4, batch 64) run at once in separate processes on the same GPU: their summed images/s against
+one run's (``kind: "concurrent"``: all their timed images over the wall time from the first timed epoch's start to
+the last one's end, after a barrier that starts them together). Then BaselineKD with the every-view teacher cache
+(its one-off build, the suite's longest pass, is timed as ``cache_build_s``) at batch 64 eager and compiled and at
+batch 256 compiled; then the others, eager: Supervised and BaselineKD (online, cached) at batch 256; each
+TeacherAssistantKD stage, each ResidualKD stage and PatientConsistentKD function matching at batch 64; Supervised
+and BaselineKD (online, cached) on resnet56 → resnet20 at batch 64. Finally the step benchmark's plain-torch bound of BaselineKD, eager and compiled
 (``distill.tools.bench``'s step rows: ``kind: "step"``), for the loop's distance from the bare computation.
 
 The suite stops starting rows after ``--budget-s`` seconds (default 330, so that it ends within 6 minutes on an
@@ -100,15 +100,19 @@ EAGER_64 = ("Supervised", "BaselineKD", VIEWS, "TeacherAssistantKD/ta1", "Teache
 
 
 def suite_rows(large: str = "resnet32x4_resnet8x4", small: str = "resnet56_resnet20") -> tuple[list[Row], list[Row]]:
-    """The suite's rows in the order they run: ``(targets, rest)``, the rows that issue 20's targets name, then the
-    others. The concurrent runs (also a target) go between the two, so that a budget spent early costs the rest."""
-    targets = [Row(method, large, 64) for method in ("Supervised", "BaselineKD", VIEWS)]
-    targets += [Row(method, large, 64, COMPILE_MODE) for method in ("Supervised", "BaselineKD", VIEWS)]
-    targets += [Row(method, large, 256, COMPILE_MODE) for method in ("BaselineKD", VIEWS)]
-    rows = [Row(method, large, 256) for method in ("Supervised", "BaselineKD", VIEWS)]
-    rows += [Row(method, large, 64) for method in EAGER_64[3:]]
-    rows += [Row(method, small, 64) for method in ("Supervised", "BaselineKD", VIEWS)]
-    return targets, rows
+    """The suite's rows in the order they run, as ``(before, after)`` the concurrent runs: first the online rows
+    that issue 20's targets name (eager, then compiled); then, after the concurrent runs (a target too), the
+    every-view cache rows, whose first builds the cache (the teacher over 162 views of every training image, the
+    suite's longest pass), and the rest. A budget that runs out then leaves out rows at the end, not the quick
+    targets."""
+    before = [Row(method, large, 64) for method in ("Supervised", "BaselineKD")]
+    before += [Row(method, large, 64, COMPILE_MODE) for method in ("Supervised", "BaselineKD")]
+    before += [Row("BaselineKD", large, 256, COMPILE_MODE)]
+    after = [Row(VIEWS, large, 64), Row(VIEWS, large, 64, COMPILE_MODE), Row(VIEWS, large, 256, COMPILE_MODE)]
+    after += [Row(method, large, 256) for method in ("Supervised", "BaselineKD", VIEWS)]
+    after += [Row(method, large, 64) for method in EAGER_64[3:]]
+    after += [Row(method, small, 64) for method in ("Supervised", "BaselineKD", VIEWS)]
+    return before, after
 
 
 # ------------------------------------------------------------------------------------------ one row
@@ -388,13 +392,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                          Path(scratch), tuple(spec["barrier"]))))
         return []
     started = time.perf_counter()
-    targets, rest = suite_rows()
+    before, after = suite_rows()
     if args.tiny:
-        targets = tiny_rows(targets)
-        rest = [row for row in tiny_rows(rest) if row not in targets]
+        before = tiny_rows(before)
+        after = [row for row in tiny_rows(after) if row not in before]
     if args.only:
-        targets, rest = ([row for row in group if any(part in row.name for part in args.only)] for group in (targets, rest))
-    rows = targets + rest
+        before, after = ([row for row in group if any(part in row.name for part in args.only)] for group in (before, after))
+    rows = before + after
     header = (f"GPU suite: {bench.environment()}; {args.precision}, {'generated data (--tiny)' if args.tiny else 'CIFAR-10 JPEG, device-resident, augment cifar'}, "
               f"{args.steps} warm-up + {args.steps} timed steps per row")
     print(header, flush=True)
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(markdown([record], [], [], "").splitlines()[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as scratch:
-        run(targets, Path(scratch))
+        run(before, Path(scratch))
         small = next((row for row in rows if row.method == "Supervised" and not row.compile and row.batch_size == rows[0].batch_size), None)
         if args.concurrent > 1 and small is not None:
             if out_of_time():
@@ -451,7 +455,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 except Exception as error:  # noqa: BLE001
                     failures.append(f"concurrent runs: {type(error).__name__}: {str(error)[-300:]}")
                 save()
-        run(rest, Path(scratch))
+        run(after, Path(scratch))
     if args.step_bounds:
         pair = "tiny_mlp" if args.tiny else "resnet32x4_resnet8x4"
         for compile_mode in (False, COMPILE_MODE):
