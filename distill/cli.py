@@ -243,7 +243,10 @@ class DistillCLI(LightningCLI):
             # a finished run is never rewritten: extending it (--resume with more epochs) continues a copy of it in
             # the next version (logs and checkpoints, their paths moved there), whose results.json names the run
             # it extends (extended_from); with nothing more to train there is nothing to copy
-            refuse_a_fit_with_nothing_to_train(evaluated, self.config[subcommand].get("trainer") or {})
+            limits = dict(self.config[subcommand].get("trainer") or {})
+            if isinstance(self.model, StagedModule):  # its stages set the run's length (instantiate_trainer)
+                limits["max_epochs"] = self.model.total_epochs
+            refuse_a_fit_with_nothing_to_train(evaluated, limits)
             run_dir = next_numbered_dir(evaluated.parent, "version_")
             fork_run(evaluated, run_dir, leave_out=(RESULTS_FILE, EXPORT_FILE, "latest"))
             ckpt_path = str(run_dir / Path(self._get(self.config, "ckpt_path")).relative_to(evaluated))

@@ -607,6 +607,21 @@ def test_resuming_a_finished_run_that_would_train_no_further_copies_and_writes_n
     assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "runs").rglob("*")) == before
 
 
+def test_resuming_a_finished_staged_run_whose_stages_set_its_length_writes_nothing(tmp_path, capsys):
+    """A staged run's length is its stages' (no trainer.max_epochs in its config): resuming it when finished
+    writes nothing, like any finished run."""
+    path = tiny_config(tmp_path, method="TeacherAssistantKD", epochs=2)
+    config = yaml.safe_load(path.read_text())
+    del config["trainer"]["max_epochs"]
+    path.write_text(yaml.safe_dump(config))
+    first = Path(fit("--config", str(path), "--run_name", "takd").results["run_dir"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        fit("--resume", str(first))
+    assert done.value.code == 0 and "has finished (2 epochs" in capsys.readouterr().err
+    assert sorted(p.name for p in first.parent.iterdir()) == ["latest", first.name]
+
+
 def test_extending_a_finished_run_makes_a_new_version_and_latest_stays_on_the_newest(tmp_path):
     config = tiny_config(tmp_path, epochs=1)
     first = Path(fit("--config", str(config), "--run_name", "x").results["run_dir"])
