@@ -617,9 +617,9 @@ def main(args: list[str] | None = None) -> DistillCLI | None:
 
 
 def give_back_unstarted_run_dir(run_dir: Path) -> None:
-    """A run directory this command made, for a run refused by its config or data once the Trainer was built (a
-    warm-up longer than the run, a data set that cannot be downloaded): with no checkpoint and no results it holds
-    only what the refused start wrote (its config.yaml, an empty event file), and goes, as if never claimed."""
+    """A run directory this command made, for a run that stopped before it had anything to continue (refused by its
+    config or data once the Trainer was built, or a SIGTERM outside training): with no checkpoint and no results it
+    holds only what the start wrote (its config.yaml, an empty event file), and goes, as if never claimed."""
     if run_dir in CLAIMED_HERE and run_dir.is_dir() and not has_checkpoint(run_dir) and not (run_dir / RESULTS_FILE).exists():
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -648,8 +648,8 @@ def stopped_outside_training(stop: Stopped, run_dir: Path | None) -> int:
         print(f"distill: stopped by {stop.signal_name} outside training; continue with: distill fit --resume {run_dir}",
               file=sys.stderr)
         return 0
-    if run_dir is not None and run_dir in CLAIMED_HERE:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir is not None:
+        give_back_unstarted_run_dir(run_dir)
     print(f"distill: stopped by {stop.signal_name} before training started; nothing was kept, so run the same "
           "command again", file=sys.stderr)
     return 128 + stop.signum

@@ -307,6 +307,11 @@ def measure_concurrent(row: Row, copies: int, args: argparse.Namespace) -> dict[
 
 
 # ------------------------------------------------------------------------------------------ the command
+def failure_line(name: str, error: Exception) -> str:
+    """A failed row in one line: its name, the error's type and the last line of its message."""
+    return f"{name}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}"
+
+
 def compile_note(record: dict[str, Any]) -> str:
     """What torch.compile did in a compiled row: its graphs, graph breaks, and graphs run without a CUDA graph (on a
     GPU, with torch's first reason; on a CPU every graph)."""
@@ -433,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             try:
                 record = measure_row(row, data, device, args.precision, args.steps, scratch)
             except Exception as error:  # noqa: BLE001 - one row's failure must not cost the others
-                failures.append(f"{row.name}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}")
+                failures.append(failure_line(row.name, error))
                 print(f"(row failed: {failures[-1]})", file=sys.stderr, flush=True)
                 save()
                 continue
@@ -471,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     floor=False))
                 records.append({**step, "kind": "step", "row": name})
             except Exception as error:  # noqa: BLE001
-                failures.append(f"{name}: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[-1]}")
+                failures.append(failure_line(name, error))
             save()
     table = save(finished=True)
     print(f"\n{table}\nin {time.perf_counter() - started:.0f} s")

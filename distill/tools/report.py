@@ -228,11 +228,10 @@ def one_run_per_seed(group: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[s
     in run-directory order), and the others. A second run of a seed (the same command again, a copy of a run) is no
     second sample: on one machine it gives the same numbers, and counting it would shrink the spread. Runs with no
     recorded seed all count."""
-    newest: dict[Any, Mapping[str, Any]] = {}
-    for index, run in enumerate(group):
-        newest[run.get("seed") if run.get("seed") is not None else ("no seed", index)] = run
-    counted = [run for run in group if any(run is kept for kept in newest.values())]
-    return counted, [run for run in group if not any(run is kept for kept in counted)]
+    newest = {run.get("seed") if run.get("seed") is not None else ("no seed", index): id(run)
+              for index, run in enumerate(group)}
+    kept = set(newest.values())
+    return [run for run in group if id(run) in kept], [run for run in group if id(run) not in kept]
 
 
 def _runs_cell(names: Mapping[int, str], counted: Sequence[Mapping[str, Any]],

@@ -422,8 +422,8 @@ def _machine() -> str:
 def run_processors(runs: Sequence[Mapping[str, Any]]) -> str:
     """Which processors the runs trained on (results.json's ``machine``): the same config and seed can land a few
     tenths of a point apart on another one, so a page says where its numbers came from."""
-    counts = Counter((run.get("machine") or {}).get("accelerator") or (run.get("machine") or {}).get("cpu")
-                     for run in runs)
+    machines = [run.get("machine") or {} for run in runs]
+    counts = Counter(machine.get("accelerator") or machine.get("cpu") for machine in machines)
     known = [f"{name} ({count} run{'s' if count != 1 else ''})" for name, count in counts.items() if name]
     unknown = counts.get(None, 0)
     said = f"Runs trained on: {'; '.join(known)}" if known else "The runs do not record their processor"
@@ -525,12 +525,10 @@ def main(argv: list[str] | None = None) -> Path:
     failures = [] if args.report_only else run_experiment(spec, runs_root, args.only, args.jobs)
     # the command that makes every run of the page (not --only/--report-only, which redo part of it)
     command = f"distill repro {args.experiment}" + (f" --runs-root {runs_root}" if args.runs_root != "runs/repro" else "")
-    try:
-        page = write_page(spec, runs_root, Path(args.results), command)
-    except ConfigError:
-        if failures:  # no run finished: the failures are the news, not the empty page
-            raise SystemExit(f"[repro] no run finished; {len(failures)} failed: " + "; ".join(failures)) from None
-        raise
+    if failures and not any(finished_runs(runs_root, spec["name"], entry["name"]) for entry in spec["runs"]):
+        # no page to write: the failures are the news
+        raise SystemExit(f"[repro] no run finished; {len(failures)} failed: " + "; ".join(failures))
+    page = write_page(spec, runs_root, Path(args.results), command)
     print(f"[repro] {spec['name']}: {page} ({(time.time() - started) / 60:.1f} min); "
           "`distill claims-index` carries its Claims table into the README's summary")
     if failures:  # after the page, which shows what did finish
